@@ -1,0 +1,1 @@
+"""Code shared by every meshserve service: settings, errors, tensors, the model repository."""

@@ -1,0 +1,160 @@
+"""gRPC plumbing shared by every service: the one error-to-status table, server set-up
+with health and reflection, channels, and a graceful stop on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import signal
+from collections.abc import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from meshserve.common import errors
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+# The one table from domain errors to gRPC status codes.
+STATUS_OF: dict[type[errors.MeshError], grpc.StatusCode] = {
+    cls: getattr(grpc.StatusCode, cls.code_name) for cls in errors.ERRORS_BY_CODE_NAME.values()
+}
+_CODE_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def status_code(code: int) -> grpc.StatusCode:
+    return _CODE_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
+
+
+def code_value(exc: BaseException) -> int:
+    """The grpc.StatusCode value of a domain error (for results carried inside a stream)."""
+    if isinstance(exc, errors.MeshError):
+        return STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL).value[0]
+    return grpc.StatusCode.INTERNAL.value[0]
+
+
+def error_from_code(code: int, message: str) -> errors.MeshError:
+    """Rebuilds the domain error a peer reported as (code, message)."""
+    cls = errors.ERRORS_BY_CODE_NAME.get(status_code(code).name, errors.Internal)
+    return cls(message)
+
+
+def error_from_rpc(e: grpc.aio.AioRpcError, peer: str) -> errors.MeshError:
+    """Turns a failed call to one of our own services into a domain error."""
+    code = e.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return errors.Unavailable(f"{peer} is unavailable: {e.details()}")
+    return error_from_code(code.value[0], e.details() or f"{peer} failed")
+
+
+def grpc_errors(method: Callable) -> Callable:
+    """Servicer decorator: domain errors become their status, anything else INTERNAL."""
+
+    async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, name: str):
+        if isinstance(exc, errors.MeshError):
+            await context.abort(STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL), str(exc))
+        log.exception("unexpected error in %s", name)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name}")
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream_wrapper(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status
+                await _abort(context, exc, method.__name__)
+
+        return stream_wrapper
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status
+            await _abort(context, exc, method.__name__)
+
+    return wrapper
+
+
+def channel_options(max_message_bytes: int = 64 * MiB) -> list[tuple[str, object]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # dns:/// targets resolve to every pod behind a headless Service; spread calls over all.
+        ("grpc.lb_policy_name", "round_robin"),
+        ("grpc.enable_retries", 1),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 5_000),
+    ]
+
+
+def insecure_channel(target: str, max_message_bytes: int = 64 * MiB) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+
+
+def server_options(max_message_bytes: int = 64 * MiB) -> list[tuple[str, object]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def new_server(
+    address: str,
+    service_names: Iterable[str],
+    max_message_bytes: int = 64 * MiB,
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """An aio server with grpc.health.v1 (NOT_SERVING until the caller says so) and
+    reflection for the given services. Returns (server, bound port, health servicer)."""
+    server = grpc.aio.server(options=server_options(max_message_bytes))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"could not bind {address}")
+    return server, port, health_servicer
+
+
+async def set_serving(health_servicer, service_names: Iterable[str], serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ["", *service_names]:
+        await health_servicer.set(name, status)
+
+
+async def wait_for_signal() -> None:
+    """Returns on SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
