@@ -1,0 +1,279 @@
+"""The gateway's client of the cache service.
+
+One LookupStream and one StoreStream per client, each shared by every coroutine:
+whatever is pending when the stream is free goes out as one message, and answers are
+routed back by message id and position. The cache is optional, so lookup() never
+raises (a timeout, a broken stream or an unreachable service give misses with
+generation 0) and store() is fire-and-forget; both reconnect in the background.
+
+Arguments and results are the generated messages: meshserve.v1.CacheKey,
+LookupResult, StoreEntry (see protos/meshserve/v1/cache.proto).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from meshserve.cache.keys import DIGEST_BYTES
+from meshserve.common.errors import Unavailable
+from meshserve.common.grpcutil import error_from_rpc, insecure_channel
+from meshserve.pb.meshserve.v1 import cache_pb2, cache_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_KEYS_PER_MESSAGE = 4096
+MAX_PENDING_STORE_ENTRIES = 16384
+MISS = cache_pb2.LookupResult(hit=False, generation=0)
+
+
+@dataclass(slots=True)
+class ClientCounters:
+    lookups: int = 0  # keys asked for
+    lookup_messages: int = 0  # LookupRequest messages sent
+    hits: int = 0
+    failed_keys: int = 0  # answered as misses: timeout, stream down, invalid key
+    store_entries_sent: int = 0
+    store_entries_dropped: int = 0  # stream down, queue full, or lost with the stream
+    stored: int = 0
+    skipped: int = 0
+
+
+def _valid(key: cache_pb2.CacheKey) -> bool:
+    return bool(key.model) and bool(key.version) and len(key.digest) == DIGEST_BYTES
+
+
+class _Link:
+    """One long-lived bidi stream, reopened with backoff. Items submitted while it is up
+    are coalesced into one message whenever the writer is free."""
+
+    def __init__(self, name: str, open_call: Callable[[], grpc.aio.StreamStreamCall],
+                 send: Callable[[list, int], object], receive: Callable[[object], None],
+                 lost: Callable[[list], None], size: Callable[[object], int]):
+        self.name = name
+        self._open_call = open_call
+        self._send = send  # (items, id) -> request message; registers what is in flight
+        self._receive = receive
+        self._lost = lost  # items that will never be answered
+        self._size = size
+        self._pending: list = []
+        self._wakeup = asyncio.Event()
+        self._ids = itertools.count(1)
+        self.up = False
+        self.backoff_initial_s = 0.05
+        self.backoff_max_s = 2.0
+
+    def submit(self, item) -> bool:
+        if not self.up:
+            return False
+        self._pending.append(item)
+        self._wakeup.set()
+        return True
+
+    def pending_size(self) -> int:
+        return sum(self._size(i) for i in self._pending)
+
+    async def run(self) -> None:
+        backoff_s = self.backoff_initial_s
+        while True:
+            call = self._open_call()
+            self.up = True
+            writer = asyncio.create_task(self._write(call))
+            reader = asyncio.create_task(self._read(call))
+            try:
+                done, _ = await asyncio.wait({writer, reader},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                answered = reader in done and not reader.exception() and reader.result()
+            finally:
+                self.up = False
+                writer.cancel()
+                reader.cancel()
+                call.cancel()
+                pending, self._pending = self._pending, []
+                self._lost(pending)
+            if answered:
+                backoff_s = self.backoff_initial_s
+            log.info("cache %s stream lost; reopening in %.2fs", self.name, backoff_s)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, self.backoff_max_s)
+
+    async def _write(self, call) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch, total = [], 0
+                while self._pending and (not batch or total < MAX_KEYS_PER_MESSAGE):
+                    item = self._pending.pop(0)
+                    batch.append(item)
+                    total += self._size(item)
+                # _send registers the batch as in flight: if the write fails, run() reports
+                # it lost with the rest.
+                await call.write(self._send(batch, next(self._ids)))
+
+    async def _read(self, call) -> bool:
+        """Returns whether anything was answered before the stream ended."""
+        answered = False
+        try:
+            async for response in call:
+                answered = True
+                self._receive(response)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("cache %s stream ended: %s", self.name, exc.code())
+        return answered
+
+
+class CacheClient:
+    """lookup() coalesced over one LookupStream; store() over one StoreStream."""
+
+    def __init__(self, target: str, timeout_s: float = 0.05, admin_timeout_s: float = 10.0):
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        self.target = target
+        self.timeout_s = timeout_s
+        self.admin_timeout_s = admin_timeout_s
+        self.counters = ClientCounters()
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: cache_pb2_grpc.CacheStub | None = None
+        self._tasks: list[asyncio.Task] = []
+        # id -> [(future, number of keys)] in message order
+        self._lookups_in_flight: dict[int, list[tuple[asyncio.Future, int]]] = {}
+        self._stores_in_flight: dict[int, int] = {}
+        self._lookup_link: _Link | None = None
+        self._store_link: _Link | None = None
+
+    async def start(self) -> None:
+        self._channel = insecure_channel(self.target)
+        self._stub = cache_pb2_grpc.CacheStub(self._channel)
+        self._lookup_link = _Link(
+            "lookup", lambda: self._stub.LookupStream(), self._lookup_message,
+            self._lookup_answered, self._lookups_lost, size=lambda item: len(item[0]))
+        self._store_link = _Link(
+            "store", lambda: self._stub.StoreStream(), self._store_message,
+            self._store_answered, self._stores_lost, size=len)
+        self._tasks = [asyncio.create_task(self._lookup_link.run()),
+                       asyncio.create_task(self._store_link.run())]
+        await asyncio.sleep(0)  # let both streams open
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    # lookups
+    async def lookup(self, keys: Sequence[cache_pb2.CacheKey]) -> list[cache_pb2.LookupResult]:
+        """One LookupResult per key, in order. Never raises (except on cancellation)."""
+        keys = list(keys)
+        self.counters.lookups += len(keys)
+        valid = [i for i, k in enumerate(keys) if _valid(k)]
+        results = [MISS] * len(keys)
+        self.counters.failed_keys += len(keys) - len(valid)
+        if not valid:
+            return results
+        future = asyncio.get_running_loop().create_future()
+        if self._lookup_link is None or not self._lookup_link.submit(
+                ([keys[i] for i in valid], future)):
+            self.counters.failed_keys += len(valid)
+            return results
+        try:
+            answered = await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a timeout or a lost stream is a miss
+            self.counters.failed_keys += len(valid)
+            return results
+        for i, result in zip(valid, answered, strict=True):
+            results[i] = result
+        self.counters.hits += sum(r.hit for r in answered)
+        return results
+
+    def _lookup_message(self, batch: list, message_id: int) -> cache_pb2.LookupRequest:
+        self._lookups_in_flight[message_id] = [(future, len(keys)) for keys, future in batch]
+        self.counters.lookup_messages += 1
+        request = cache_pb2.LookupRequest(id=message_id)
+        for keys, _ in batch:
+            request.keys.extend(keys)
+        return request
+
+    def _lookup_answered(self, response: cache_pb2.LookupResponse) -> None:
+        waiting = self._lookups_in_flight.pop(response.id, None)
+        if waiting is None:
+            return
+        results = list(response.results)
+        if len(results) != sum(n for _, n in waiting):
+            log.warning("cache answered %d results for %d keys; ignoring", len(results),
+                        sum(n for _, n in waiting))
+            results = []
+        offset = 0
+        for future, n in waiting:
+            if not future.done():
+                if results:
+                    future.set_result(results[offset:offset + n])
+                else:
+                    future.set_exception(Unavailable("bad cache answer"))
+                    future.exception()
+            offset += n
+
+    def _lookups_lost(self, batch: list) -> None:
+        waiting = [future for _, future in batch]
+        for entries in self._lookups_in_flight.values():
+            waiting.extend(future for future, _ in entries)
+        self._lookups_in_flight.clear()
+        for future in waiting:
+            if not future.done():
+                future.set_exception(Unavailable("cache stream lost"))
+                future.exception()  # retrieved: a caller that timed out is gone
+
+    # stores
+    def store(self, entries: Sequence[cache_pb2.StoreEntry]) -> None:
+        """Queues entries for the StoreStream; dropped (counted) when it is down."""
+        entries = [e for e in entries if _valid(e.key)]
+        link = self._store_link
+        if (link is None or not entries
+                or link.pending_size() + len(entries) > MAX_PENDING_STORE_ENTRIES
+                or not link.submit(entries)):
+            self.counters.store_entries_dropped += len(entries)
+
+    def _store_message(self, batch: list, message_id: int) -> cache_pb2.StoreRequest:
+        request = cache_pb2.StoreRequest(id=message_id)
+        for entries in batch:
+            request.entries.extend(entries)
+        self._stores_in_flight[message_id] = len(request.entries)
+        self.counters.store_entries_sent += len(request.entries)
+        return request
+
+    def _store_answered(self, response: cache_pb2.StoreResponse) -> None:
+        self._stores_in_flight.pop(response.id, None)
+        self.counters.stored += response.stored
+        self.counters.skipped += response.skipped
+        self.counters.store_entries_dropped += response.dropped
+
+    def _stores_lost(self, batch: list) -> None:
+        lost = sum(len(entries) for entries in batch) + sum(self._stores_in_flight.values())
+        self._stores_in_flight.clear()
+        self.counters.store_entries_dropped += lost
+
+    # admin (unary)
+    async def invalidate(self, model: str, version: str | None = None) -> int:
+        """Entries removed. Raises Unavailable (or InvalidInput) when it could not be done."""
+        request = cache_pb2.InvalidateRequest(model=model, version=version or "")
+        return (await self._unary(self._stub.Invalidate, request)).removed
+
+    async def stats(self) -> cache_pb2.StatsResponse:
+        return await self._unary(self._stub.Stats, cache_pb2.StatsRequest())
+
+    async def _unary(self, method, request):
+        if self._stub is None:
+            raise Unavailable("CacheClient is not started")
+        try:
+            return await method(request, timeout=self.admin_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"cache at {self.target}") from None

@@ -1,0 +1,115 @@
+"""meshserve.v1.Cache: translation between the protos and the PredictionCache."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from meshserve.cache.backends import Entry, Key
+from meshserve.cache.core import PredictionCache
+from meshserve.common.grpcutil import grpc_errors
+from meshserve.pb.meshserve.v1 import cache_pb2, cache_pb2_grpc
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+# Messages of one stream handled at the same time, at most (then reading waits).
+MAX_IN_FLIGHT_PER_STREAM = 256
+
+
+def _key(k: cache_pb2.CacheKey) -> Key:
+    return Key(k.model, k.version, k.digest)
+
+
+class CacheServicer(cache_pb2_grpc.CacheServicer):
+    def __init__(self, cache: PredictionCache):
+        self.cache = cache
+
+    async def _lookup(self, request: cache_pb2.LookupRequest) -> cache_pb2.LookupResponse:
+        results = await self.cache.lookup([_key(k) for k in request.keys])
+        return cache_pb2.LookupResponse(id=request.id, results=[
+            cache_pb2.LookupResult(hit=r.hit, value=r.value, generation=r.generation)
+            for r in results])
+
+    async def _store(self, request: cache_pb2.StoreRequest) -> cache_pb2.StoreResponse:
+        outcome = await self.cache.store([
+            Entry(_key(e.key), e.value, e.generation, e.ttl_s) for e in request.entries])
+        return cache_pb2.StoreResponse(id=request.id, stored=outcome.stored,
+                                       skipped=outcome.skipped, dropped=outcome.dropped)
+
+    @grpc_errors
+    async def Lookup(self, request, context):
+        return await self._lookup(request)
+
+    @grpc_errors
+    async def Store(self, request, context):
+        return await self._store(request)
+
+    @grpc_errors
+    async def LookupStream(self, request_iterator, context):
+        async for response in handle_concurrently(request_iterator, self._lookup):
+            yield response
+
+    @grpc_errors
+    async def StoreStream(self, request_iterator, context):
+        async for response in handle_concurrently(request_iterator, self._store):
+            yield response
+
+    @grpc_errors
+    async def Invalidate(self, request, context):
+        removed = await self.cache.invalidate(request.model, request.version or None)
+        return cache_pb2.InvalidateResponse(removed=removed)
+
+    @grpc_errors
+    async def Stats(self, request, context):
+        s = self.cache.stats()
+        return cache_pb2.StatsResponse(
+            backend=s.backend, hits=s.hits, misses=s.misses, errors=s.errors, stores=s.stores,
+            too_large=s.too_large, entries=s.entries, bytes=s.bytes)
+
+
+async def handle_concurrently(
+    requests: AsyncIterator[Req], handle: Callable[[Req], Awaitable[Resp]],
+) -> AsyncIterator[Resp]:
+    """Answers each message of a stream as soon as its own handler is done, so one slow
+    backend call never holds back the others. A handler's error ends the stream (the
+    contract has no per-message status; our client validates keys before sending)."""
+    done: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
+    slots = asyncio.Semaphore(MAX_IN_FLIGHT_PER_STREAM)
+    running: set[asyncio.Task] = set()
+
+    def finished(task: asyncio.Task) -> None:
+        slots.release()
+        done.put_nowait(task)
+
+    async def read() -> None:
+        try:
+            async for request in requests:
+                await slots.acquire()
+                task = asyncio.create_task(handle(request))
+                running.add(task)
+                task.add_done_callback(finished)
+        finally:
+            done.put_nowait(None)
+
+    reader = asyncio.create_task(read())
+    reading = True
+    try:
+        while reading or running:
+            item = await done.get()
+            if item is None:
+                reading = False
+                if not reader.cancelled() and reader.exception() is not None:
+                    exc = reader.exception()
+                    if isinstance(exc, grpc.aio.AioRpcError | asyncio.CancelledError):
+                        return
+                    raise exc
+                continue
+            running.discard(item)
+            yield item.result()
+    finally:
+        reader.cancel()
+        for task in running:
+            task.cancel()

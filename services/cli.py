@@ -1,0 +1,44 @@
+"""The `meshserve` command.
+
+    meshserve up                       the whole mesh on this machine (what `make run` runs)
+    meshserve gateway|batcher|worker|cache [flags]
+                                       one service alone (how Kubernetes runs them)
+    meshserve infer MODEL --input ...  one inference against a gateway
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SERVICES = {
+    "gateway": "meshserve.gateway.__main__",
+    "batcher": "meshserve.batcher.__main__",
+    "worker": "meshserve.model_worker.__main__",
+    "cache": "meshserve.cache.__main__",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        raise SystemExit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command in SERVICES:
+        importlib.import_module(SERVICES[command]).main(rest)
+    elif command == "up":
+        from meshserve import local_mesh
+
+        raise SystemExit(local_mesh.main(rest))
+    elif command == "infer":
+        from meshserve import client
+
+        raise SystemExit(client.main(rest))
+    else:
+        print(f"meshserve: unknown command {command!r}\n\n{__doc__.strip()}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Pure converters between the public v2 protobuf messages and the gateway's records."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from meshserve.common.datatypes import DATATYPES, datatype
+from meshserve.common.errors import InvalidInput
+from meshserve.common.repository import ModelConfig, TensorSpec
+from meshserve.gateway.validation import InputTensor, RequestedOutput
+from meshserve.pb.inference import grpc_service_pb2 as pb
+from meshserve.pb.inference import model_config_pb2 as mc
+from meshserve.pb.meshserve.v1 import batcher_pb2
+
+# Which InferTensorContents field carries each datatype (FP16/BF16 travel raw only).
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def param_value(p: pb.InferParameter) -> object:
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
+def params(m: Mapping[str, pb.InferParameter]) -> dict[str, object]:
+    return {k: param_value(v) for k, v in m.items()}
+
+
+def _typed_to_raw(tensor: pb.ModelInferRequest.InferInputTensor) -> bytes:
+    dt = datatype(tensor.datatype)
+    field = CONTENTS_FIELD.get(tensor.datatype)
+    if field is None or dt.numpy is None or dt.itemsize == 0:
+        raise InvalidInput(
+            f"input '{tensor.name}': {tensor.datatype} data must be sent in raw_input_contents"
+        )
+    values = getattr(tensor.contents, field)
+    # np.array over a repeated scalar field copies in C, not element by element in Python.
+    array = np.array(values, dtype=dt.numpy)
+    expected = int(np.prod(tensor.shape)) if len(tensor.shape) else 1
+    if array.size != expected:
+        raise InvalidInput(
+            f"input '{tensor.name}': {array.size} values in contents.{field}, expected "
+            f"{expected} for shape {list(tensor.shape)}"
+        )
+    return array.tobytes()
+
+
+def infer_inputs(request: pb.ModelInferRequest) -> list[InputTensor]:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(
+            f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: send raw data "
+            "for every input (in the order of inputs) or for none"
+        )
+    inputs = []
+    for i, tensor in enumerate(request.inputs):
+        if raw:
+            if tensor.HasField("contents") and tensor.contents.ByteSize():
+                raise InvalidInput(
+                    f"input '{tensor.name}': both contents and raw_input_contents are set"
+                )
+            data = raw[i]
+        else:
+            data = _typed_to_raw(tensor)
+        inputs.append(InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data))
+    return inputs
+
+
+def requested_outputs(request: pb.ModelInferRequest) -> list[RequestedOutput]:
+    return [
+        RequestedOutput(o.name, tuple(sorted(params(o.parameters).items())))
+        for o in request.outputs
+    ]
+
+
+def infer_response(
+    request: pb.ModelInferRequest,
+    version: str,
+    outputs: Iterable,  # meshserve.v1.Tensor, in the order to return
+    cache_hit: bool,
+    queue_ns: int = 0,
+    compute_ns: int = 0,
+) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(
+        model_name=request.model_name, model_version=version, id=request.id
+    )
+    for t in outputs:
+        response.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        response.raw_output_contents.append(t.data)
+    response.parameters["cache_hit"].bool_param = cache_hit
+    response.parameters["queue_us"].int64_param = queue_ns // 1000
+    response.parameters["compute_us"].int64_param = compute_ns // 1000
+    return response
+
+
+def _tensor_metadata(config: ModelConfig, spec: TensorSpec):
+    return pb.ModelMetadataResponse.TensorMetadata(
+        name=spec.name, datatype=spec.datatype, shape=config.full_shape(spec)
+    )
+
+
+def model_metadata(config: ModelConfig, versions: Iterable[str]) -> pb.ModelMetadataResponse:
+    return pb.ModelMetadataResponse(
+        name=config.name,
+        versions=list(versions),
+        platform=config.platform,
+        inputs=[_tensor_metadata(config, t) for t in config.inputs],
+        outputs=[_tensor_metadata(config, t) for t in config.outputs],
+    )
+
+
+def model_config(config: ModelConfig, device_kind: str = "KIND_AUTO") -> mc.ModelConfig:
+    """Triton's ModelConfig: dims exclude the batch dimension when max_batch_size > 0."""
+    b = config.batching
+    out = mc.ModelConfig(
+        name=config.name,
+        platform=config.platform,
+        backend="pytorch",
+        max_batch_size=config.max_batch_size,
+        input=[
+            mc.ModelInput(name=t.name, data_type=DATATYPES[t.datatype].triton_enum, dims=t.dims)
+            for t in config.inputs
+        ],
+        output=[
+            mc.ModelOutput(name=t.name, data_type=DATATYPES[t.datatype].triton_enum, dims=t.dims)
+            for t in config.outputs
+        ],
+        default_model_filename=config.model_filename,
+        response_cache=mc.ModelResponseCache(enable=config.cache.enabled),
+        instance_group=[mc.ModelInstanceGroup(
+            name=config.name, kind=mc.ModelInstanceGroup.Kind.Value(device_kind), count=1)],
+    )
+    policy = config.version_policy
+    if policy.kind == "all":
+        out.version_policy.all.SetInParent()
+    elif policy.kind == "specific":
+        out.version_policy.specific.versions.extend(policy.versions)
+    else:
+        out.version_policy.latest.num_versions = policy.num_versions
+    if config.max_batch_size > 0:
+        out.dynamic_batching.CopyFrom(mc.ModelDynamicBatching(
+            preferred_batch_size=b.preferred_batch_sizes,
+            max_queue_delay_microseconds=b.max_queue_delay_us,
+            priority_levels=b.priority_levels if b.priority_levels > 1 else 0,
+            default_priority_level=b.default_priority_level if b.priority_levels > 1 else 0,
+            default_queue_policy=mc.ModelQueuePolicy(
+                default_timeout_microseconds=b.default_timeout_us,
+                allow_timeout_override=True,
+                max_queue_size=b.max_queue_size,
+            ),
+        ))
+    return out
+    if config.max_batch_size > 0 and config.cuda_graphs:
+        out.optimization.cuda.graphs = True
+    return out
+
+
+def _duration(d: batcher_pb2.Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def model_statistics(
+    s: batcher_pb2.ModelStats, cache_hits: tuple[int, int, int], cache_misses: tuple[int, int]
+) -> pb.ModelStatistics:
+    """Triton's ModelStatistics from the batcher's counts plus the gateway's cache counts.
+
+    cache_hits is (requests, rows, ns); cache_misses is (requests, ns). A hit counts as an
+    inference and a success, never as an execution."""
+    hit_requests, hit_rows, hit_ns = cache_hits
+    stats = pb.ModelStatistics(
+        name=s.model,
+        version=s.version,
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count + hit_rows,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=pb.StatisticDuration(
+                count=s.success.count + hit_requests, ns=s.success.ns + hit_ns
+            ),
+            fail=_duration(s.fail),
+            queue=_duration(s.queue),
+            compute_infer=_duration(s.compute_infer),
+            cache_hit=pb.StatisticDuration(count=hit_requests, ns=hit_ns),
+            cache_miss=pb.StatisticDuration(count=cache_misses[0], ns=cache_misses[1]),
+        ),
+    )
+    for b in s.batch_stats:
+        stats.batch_stats.add(batch_size=b.batch_size, compute_infer=_duration(b.compute_infer))
+    return stats

@@ -1,0 +1,278 @@
+"""The gateway's work behind the public API: resolve the model version, consult the cache,
+hand misses to the batcher, store results, and manage models. No grpc server code here:
+the servicer translates protobuf to these calls and back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from meshserve.cache import keys
+from meshserve.common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
+from meshserve.common.repository import ModelConfig, ModelRepository, check_model_name
+from meshserve.gateway.validation import (
+    InputTensor,
+    RequestedOutput,
+    resolve_outputs,
+    validate_inputs,
+)
+from meshserve.pb.meshserve.v1 import batcher_pb2, cache_pb2, tensor_pb2
+
+log = logging.getLogger(__name__)
+
+CATALOG_TTL_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class InferCall:
+    model: str
+    version: str  # "" = the model's default version
+    inputs: Sequence[InputTensor]
+    outputs: Sequence[RequestedOutput]
+    priority: int = 0
+    timeout_s: float | None = None  # the shorter of the gRPC deadline and the `timeout` parameter
+    use_cache: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class InferOutcome:
+    version: str
+    outputs: Sequence[tensor_pb2.Tensor]
+    cache_hit: bool
+    queue_ns: int = 0
+    compute_ns: int = 0
+
+
+@dataclass(slots=True)
+class _Entry:
+    config: ModelConfig
+    versions: list[str]
+    default_version: str
+    loaded_at: float
+
+
+@dataclass(slots=True)
+class CacheCounts:
+    hit_requests: int = 0
+    hit_rows: int = 0
+    hit_ns: int = 0
+    miss_requests: int = 0
+    miss_ns: int = 0
+
+
+@dataclass
+class Catalog:
+    """Model configs and served versions, read from the repository and refreshed lazily
+    (after CATALOG_TTL_S, and on every load or unload), so a request never touches disk."""
+
+    repository: ModelRepository
+    default_overrides: dict[str, str] = field(default_factory=dict)
+    _entries: dict[str, _Entry] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self, model: str) -> _Entry:
+        entry = self._entries.get(model)
+        if entry is None or time.monotonic() - entry.loaded_at > CATALOG_TTL_S:
+            entry = self.refresh(model)
+        return entry
+
+    def refresh(self, model: str) -> _Entry:
+        check_model_name(model)
+        try:
+            config = self.repository.config(model)
+        except NotFound:
+            self._entries.pop(model, None)
+            raise NotFound(f"unknown model '{model}'") from None
+        versions = [str(v) for v in self.repository.served_versions(model)]
+        default = self.default_overrides.get(model) or (
+            config.default_version or (versions[-1] if versions else "")
+        )
+        entry = _Entry(config, versions, default, time.monotonic())
+        self._entries[model] = entry
+        return entry
+
+    def resolve(self, model: str, version: str) -> tuple[ModelConfig, str]:
+        entry = self.get(model)
+        if not version:
+            if not entry.default_version:
+                raise NotFound(f"model '{model}' has no version to serve")
+            version = entry.default_version
+        if version not in entry.versions:
+            served = ", ".join(entry.versions) or "none"
+            raise NotFound(f"model '{model}' has no version '{version}' (served: {served})")
+        return entry.config, version
+
+
+class Gateway:
+    def __init__(self, repository: ModelRepository, batcher, cache=None,
+                 cache_timeout_s: float = 0.05):
+        self.repository = repository
+        self.catalog = Catalog(repository)
+        self.batcher = batcher
+        self.cache = cache
+        self.cache_timeout_s = cache_timeout_s
+        self.cache_counts: dict[tuple[str, str], CacheCounts] = defaultdict(CacheCounts)
+
+    # ------------------------------------------------------------------ inference
+
+    async def infer(self, call: InferCall) -> InferOutcome:
+        config, version = self.catalog.resolve(call.model, call.version)
+        rows = validate_inputs(config, call.inputs)
+        output_names = resolve_outputs(config, call.outputs)
+        if call.priority < 0 or call.priority > config.batching.priority_levels:
+            raise InvalidInput(
+                f"priority {call.priority} is out of range for model '{config.name}' "
+                f"(1 is highest, {config.batching.priority_levels} lowest, 0 the default)"
+            )
+        if call.timeout_s is not None and call.timeout_s <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it reached the gateway")
+
+        cache_key = None
+        generation = 0
+        out_params = {o.name: dict(o.parameters) for o in call.outputs}
+        if self.cache is not None and config.cache.enabled and call.use_cache:
+            started = time.perf_counter_ns()
+            digest = keys.request_digest(
+                config.name, version,
+                [(t.name, t.datatype, t.shape, t.data) for t in call.inputs],
+                [(name, out_params.get(name, {})) for name in output_names],
+                config.cache.hash_precision,
+            )
+            cache_key = cache_pb2.CacheKey(model=config.name, version=version, digest=digest)
+            [result] = await self.cache.lookup([cache_key])
+            elapsed = time.perf_counter_ns() - started
+            counts = self.cache_counts[(config.name, version)]
+            generation = result.generation
+            if result.hit:
+                cached = cache_pb2.CachedOutputs.FromString(result.value)
+                counts.hit_requests += 1
+                counts.hit_rows += rows
+                counts.hit_ns += elapsed
+                return InferOutcome(version, list(cached.outputs), cache_hit=True)
+            counts.miss_requests += 1
+            counts.miss_ns += elapsed
+
+        result = await self.batcher.infer(
+            config.name, version,
+            [tensor_pb2.Tensor(name=t.name, datatype=t.datatype, shape=t.shape, data=t.data)
+             for t in call.inputs],
+            output_names, call.priority, call.timeout_s,
+        )
+        by_name = {t.name: t for t in result.outputs}
+        try:
+            outputs = [by_name[name] for name in output_names]
+        except KeyError as e:
+            raise Unavailable(f"the batcher returned no output {e} for '{config.name}'") from None
+        if cache_key is not None:
+            value = cache_pb2.CachedOutputs(outputs=outputs).SerializeToString()
+            self.cache.store([cache_pb2.StoreEntry(
+                key=cache_key, value=value, generation=generation, ttl_s=config.cache.ttl_s)])
+        return InferOutcome(version, outputs, False, result.queue_ns, result.compute_ns)
+
+    # ----------------------------------------------------------------- management
+
+    def versions(self, model: str) -> list[str]:
+        return self.catalog.get(model).versions
+
+    async def states(self, model: str = "") -> list[batcher_pb2.ModelVersionState]:
+        response = await self.batcher.model_states(model)
+        return list(response.versions)
+
+    async def model_ready(self, model: str, version: str) -> bool:
+        _config, version = self.catalog.resolve(model, version)
+        for state in await self.states(model):
+            if state.model == model and state.version == version:
+                return state.state == "READY"
+        return False
+
+    async def server_ready(self) -> bool:
+        try:
+            await self.batcher.model_states("")
+        except Exception:  # noqa: BLE001 - not ready, whatever the reason
+            return False
+        return True
+
+    async def index(self, ready_only: bool) -> list[tuple[str, str, str, str]]:
+        """(model, version, state, reason) for every version of every model on disk."""
+        states = {(s.model, s.version): s for s in await self.states("")}
+        rows = []
+        for name in self.repository.names():
+            try:
+                versions = [str(v) for v in self.repository.versions(name)]
+            except Exception as e:  # noqa: BLE001 - a broken config shows up in the index
+                rows.append((name, "", "UNAVAILABLE", str(e)))
+                continue
+            for version in versions:
+                s = states.get((name, version))
+                state, reason = (s.state, s.reason) if s else ("UNAVAILABLE", "unloaded")
+                if not ready_only or state == "READY":
+                    rows.append((name, version, state, reason))
+        return rows
+
+    async def load(self, model: str, versions: list[str], default_version: str | None) -> None:
+        check_model_name(model)
+        entry = self.catalog.refresh(model)
+        unknown = [v for v in versions if v not in [str(x) for x in
+                                                     self.repository.versions(model)]]
+        if unknown:
+            raise NotFound(f"model '{model}' has no version(s) {', '.join(unknown)} on disk")
+        if default_version is not None:
+            wanted = versions or entry.versions
+            if default_version not in wanted:
+                raise InvalidInput(
+                    f"default_version {default_version} is not among the loaded versions "
+                    f"{', '.join(wanted)}"
+                )
+        response = await self.batcher.load_model(model, versions)
+        failed = [s for s in response.versions if s.state != "READY"]
+        # A reload must never serve results computed by the previous load.
+        await self._invalidate(model, [s.version for s in response.versions])
+        if failed:
+            detail = "; ".join(f"version {s.version}: {s.reason or s.state}" for s in failed)
+            raise FailedPrecondition(f"failed to load model '{model}': {detail}")
+        if default_version is not None:
+            self.catalog.default_overrides[model] = default_version
+        self.catalog.refresh(model)
+
+    async def unload(self, model: str) -> None:
+        check_model_name(model)
+        self.catalog.refresh(model)
+        await self.batcher.unload_model(model, [])
+        self.catalog.default_overrides.pop(model, None)
+        await self._invalidate(model, [])
+
+    async def _invalidate(self, model: str, versions: list[str]) -> None:
+        if self.cache is None:
+            return
+        try:
+            if versions:
+                await asyncio.gather(*(self.cache.invalidate(model, v) for v in versions))
+            else:
+                await self.cache.invalidate(model)
+        except Exception as e:  # noqa: BLE001 - generations still protect against staleness
+            log.warning("cache invalidation of %s failed: %s", model, e)
+
+    async def statistics(self, model: str, version: str) -> list[tuple]:
+        if model:
+            self.catalog.get(model)
+            if version:
+                self.catalog.resolve(model, version)
+        elif version:
+            raise InvalidInput("a version needs a model name")
+        response = await self.batcher.statistics(model, version)
+        out = []
+        for s in response.models:
+            c = self.cache_counts.get((s.model, s.version), CacheCounts())
+            out.append((s, (c.hit_requests, c.hit_rows, c.hit_ns), (c.miss_requests, c.miss_ns)))
+        return out

@@ -1,0 +1,73 @@
+"""The gateway process: the public gRPC API on one port, Prometheus on another."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import CollectorRegistry
+
+from meshserve.batcher.client import BatcherClient
+from meshserve.cache.client import CacheClient
+from meshserve.common import grpcutil, metrics
+from meshserve.common.grpcutil import MiB
+from meshserve.common.repository import ModelRepository
+from meshserve.common.settings import write_port_file
+from meshserve.gateway.config import Settings
+from meshserve.gateway.core import Gateway
+from meshserve.gateway.servicer import GatewayMetrics, InferenceServicer
+from meshserve.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+async def create_server(settings: Settings, registry: CollectorRegistry | None = None):
+    """Returns (server, port, health, gateway); the caller starts and stops them."""
+    registry = registry or CollectorRegistry()
+    batcher = BatcherClient(settings.batcher)
+    cache = CacheClient(settings.cache, settings.cache_timeout_ms / 1000) if settings.cache else None
+    gateway = Gateway(
+        ModelRepository(settings.model_repository), batcher, cache,
+        cache_timeout_s=settings.cache_timeout_ms / 1000,
+    )
+    server, port, health = grpcutil.new_server(
+        f"{settings.host}:{settings.port}", [SERVICE], settings.max_message_mb * MiB
+    )
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(gateway, GatewayMetrics(registry), settings.max_stream_concurrency),
+        server,
+    )
+    return server, port, health, gateway
+
+
+async def _wait_for_batcher(gateway: Gateway) -> None:
+    """Blocks until the batcher answers (backoff between tries: it may start after us)."""
+    delay = 0.1
+    while not await gateway.server_ready():
+        log.info("waiting for the batcher at %s", gateway.batcher.target)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+async def serve(settings: Settings) -> None:
+    registry = CollectorRegistry()
+    server, port, health, gateway = await create_server(settings, registry)
+    await gateway.batcher.start()
+    if gateway.cache is not None:
+        await gateway.cache.start()
+    metrics_port = metrics.serve(registry, settings.metrics_port, settings.host)
+    await server.start()
+    log.info("gateway listening on %s:%d", settings.host, port)
+    await _wait_for_batcher(gateway)
+    await grpcutil.set_serving(health, [SERVICE], True)
+    write_port_file(settings.port_file, grpc=port, metrics=metrics_port)
+    log.info("gateway serving (batcher %s, cache %s)", settings.batcher, settings.cache or "off")
+    await grpcutil.wait_for_signal()
+    log.info("draining for up to %.1fs", settings.grace_s)
+    await grpcutil.set_serving(health, [SERVICE], False)
+    await server.stop(settings.grace_s)
+    await gateway.batcher.close()
+    if gateway.cache is not None:
+        await gateway.cache.close()

@@ -1,0 +1,268 @@
+"""inference.GRPCInferenceService: translates the v2 protocol to Gateway calls and back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from meshserve import __version__
+from meshserve.common import errors
+from meshserve.common.grpcutil import STATUS_OF, grpc_errors
+from meshserve.gateway import convert
+from meshserve.gateway.core import Gateway, InferCall, InferOutcome
+from meshserve.pb.inference import grpc_service_pb2 as pb
+from meshserve.pb.inference import grpc_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = [
+    "model_repository",
+    "model_configuration",
+    "statistics",
+    "schedule_policy",
+    "parameters",
+    "response_cache",
+]
+UNSUPPORTED_SHM = "shared memory is not supported by meshserve: send tensors in raw_input_contents"
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.requests = Counter(
+            "meshserve_gateway_requests", "Inference requests by model and status code",
+            ["model", "code"], registry=registry,
+        )
+        self.seconds = Histogram(
+            "meshserve_gateway_request_seconds", "Inference request latency at the gateway",
+            ["model"], registry=registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )
+
+
+def _int_param(params: dict, key: str) -> int:
+    value = params.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise errors.InvalidInput(f"request parameter '{key}' must be an integer, got {value!r}")
+    return value
+
+
+def to_call(request: pb.ModelInferRequest, time_remaining: float | None) -> InferCall:
+    params = convert.params(request.parameters)
+    priority = _int_param(params, "priority")
+    timeout_us = _int_param(params, "timeout")
+    if timeout_us < 0:
+        raise errors.InvalidInput(f"request parameter 'timeout' must be >= 0, got {timeout_us}")
+    timeouts = [t for t in (time_remaining, timeout_us / 1e6 if timeout_us else None) if t is not None]
+    use_cache = params.get("cache", True)
+    if not isinstance(use_cache, bool):
+        raise errors.InvalidInput(f"request parameter 'cache' must be a bool, got {use_cache!r}")
+    if not request.model_name:
+        raise errors.InvalidInput("model_name is required")
+    return InferCall(
+        model=request.model_name,
+        version=request.model_version,
+        inputs=convert.infer_inputs(request),
+        outputs=convert.requested_outputs(request),
+        priority=priority,
+        timeout_s=min(timeouts) if timeouts else None,
+        use_cache=use_cache,
+    )
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, gateway: Gateway, metrics: GatewayMetrics, max_stream_concurrency: int):
+        self.gateway = gateway
+        self.metrics = metrics
+        self.max_stream_concurrency = max_stream_concurrency
+
+    async def _infer(self, request: pb.ModelInferRequest, time_remaining) -> pb.ModelInferResponse:
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            outcome: InferOutcome = await self.gateway.infer(to_call(request, time_remaining))
+            return convert.infer_response(
+                request, outcome.version, outcome.outputs, outcome.cache_hit,
+                outcome.queue_ns, outcome.compute_ns,
+            )
+        except errors.MeshError as e:
+            code = STATUS_OF.get(type(e), grpc.StatusCode.INTERNAL).name
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            model = request.model_name if code != "NOT_FOUND" else "_unknown"
+            self.metrics.requests.labels(model, code).inc()
+            self.metrics.seconds.labels(model).observe(time.perf_counter() - started)
+
+    @grpc_errors
+    async def ModelInfer(self, request, context):
+        return await self._infer(request, context.time_remaining())
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Requests on one stream run concurrently (bounded); each response or error is
+        written as it completes. An error answers that request only: the stream goes on."""
+        out: asyncio.Queue = asyncio.Queue()
+        slots = asyncio.Semaphore(self.max_stream_concurrency)
+        tasks: set[asyncio.Task] = set()
+
+        async def one(request):
+            try:
+                response = await self._infer(request, context.time_remaining())
+                await out.put(pb.ModelStreamInferResponse(infer_response=response))
+            except errors.MeshError as e:
+                await out.put(_stream_error(request, str(e)))
+            except Exception:
+                log.exception("stream inference failed")
+                await out.put(_stream_error(request, "internal error"))
+            finally:
+                slots.release()
+
+        async def read():
+            async for request in request_iterator:
+                await slots.acquire()
+                task = asyncio.create_task(one(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+            await out.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await out.get()) is not None:
+                yield item
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=await self.gateway.server_ready())
+
+    @grpc_errors
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(
+            ready=await self.gateway.model_ready(request.name, request.version)
+        )
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(
+            name="meshserve", version=__version__, extensions=EXTENSIONS
+        )
+
+    @grpc_errors
+    async def ModelMetadata(self, request, context):
+        config, _version = self.gateway.catalog.resolve(request.name, request.version)
+        return convert.model_metadata(config, self.gateway.versions(request.name))
+
+    @grpc_errors
+    async def ModelConfig(self, request, context):
+        config, _version = self.gateway.catalog.resolve(request.name, request.version)
+        return pb.ModelConfigResponse(config=convert.model_config(config))
+
+    @grpc_errors
+    async def ModelStatistics(self, request, context):
+        stats = await self.gateway.statistics(request.name, request.version)
+        return pb.ModelStatisticsResponse(
+            model_stats=[convert.model_statistics(*s) for s in stats]
+        )
+
+    @grpc_errors
+    async def RepositoryIndex(self, request, context):
+        rows = await self.gateway.index(request.ready)
+        return pb.RepositoryIndexResponse(models=[
+            pb.RepositoryIndexResponse.ModelIndex(name=n, version=v, state=s, reason=r)
+            for n, v, s, r in rows
+        ])
+
+    @grpc_errors
+    async def RepositoryModelLoad(self, request, context):
+        versions, default = load_parameters(request.parameters)
+        await self.gateway.load(request.model_name, versions, default)
+        return pb.RepositoryModelLoadResponse()
+
+    @grpc_errors
+    async def RepositoryModelUnload(self, request, context):
+        await self.gateway.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        return pb.SystemSharedMemoryStatusResponse()
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, UNSUPPORTED_SHM)
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        return pb.CudaSharedMemoryStatusResponse()
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, UNSUPPORTED_SHM)
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    async def TraceSetting(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "trace settings are not supported yet")
+
+    async def LogSettings(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "log settings are not supported yet")
+
+
+def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+    )
+
+
+def load_parameters(parameters) -> tuple[list[str], str | None]:
+    """RepositoryModelLoad parameters: `versions` ("1,2" or an int) picks versions,
+    `default_version` sets the default. A load names a repository model, never a path:
+    Triton's `config` override and `file:` uploads are refused."""
+    versions: list[str] = []
+    default = None
+    for key, p in parameters.items():
+        kind = p.WhichOneof("parameter_choice")
+        value = getattr(p, kind) if kind else None
+        if key == "versions" or key == "version":
+            text = str(value) if not isinstance(value, bytes) else value.decode()
+            versions = [v.strip() for v in text.split(",") if v.strip()]
+            for v in versions:
+                if not v.isdigit() or int(v) < 1:
+                    raise errors.InvalidInput(f"load parameter '{key}': {v!r} is not a version")
+            versions = [str(int(v)) for v in versions]
+        elif key == "default_version":
+            default = str(value)
+            if not default.isdigit():
+                raise errors.InvalidInput(f"load parameter 'default_version': {value!r}")
+            default = str(int(default))
+        elif key == "config" or key.startswith("file:"):
+            raise errors.InvalidInput(
+                f"load parameter '{key}' is not supported: meshserve loads models from its "
+                "repository only; edit the model's config.json there"
+            )
+        else:
+            raise errors.InvalidInput(
+                f"unknown load parameter '{key}' (supported: versions, default_version)"
+            )
+    return versions, default

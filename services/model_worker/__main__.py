@@ -1,0 +1,19 @@
+"""python -m meshserve.model_worker: one model worker per device."""
+
+from __future__ import annotations
+
+import asyncio
+
+from meshserve.common import logs
+from meshserve.model_worker.config import from_args
+from meshserve.model_worker.server import serve
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = from_args(argv)
+    logs.setup(settings.log_level)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""One batch through a loaded model: validation against the config, the forward, the
+classifier post-processing, and raw bytes out. Imports neither grpc nor protobuf."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from meshserve.common import tensors
+from meshserve.common.errors import InvalidInput
+from meshserve.common.repository import ModelConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RawTensor:
+    """A tensor as it travels: datatype, full shape, little-endian row-major bytes."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRequest:
+    batch_id: int
+    model: str
+    version: str
+    inputs: tuple[RawTensor, ...]
+    # Outputs to return; empty: every output of the model.
+    outputs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    batch_id: int
+    # An error as (grpc status code value, message); code 0 when outputs are set.
+    code: int = 0
+    message: str = ""
+    outputs: tuple[RawTensor, ...] = ()
+    compute_ns: int = 0
+    executed_batch_size: int = 0
+    rows: int = 0
+
+
+def requested_outputs(config: ModelConfig, wanted: Sequence[str]) -> tuple[str, ...]:
+    """The outputs to compute, in the config's order; InvalidInput for unknown names."""
+    declared = [t.name for t in config.outputs]
+    if not wanted:
+        return tuple(declared)
+    unknown = [n for n in wanted if n not in declared]
+    if unknown:
+        raise InvalidInput(f"model '{config.name}' has no output {unknown[0]!r} "
+                           f"(outputs: {', '.join(declared)})")
+    return tuple(n for n in declared if n in wanted)
+
+
+def validate_inputs(config: ModelConfig, batch: BatchRequest) -> tuple[list[torch.Tensor], int]:
+    """Input tensors in the config's order (read-only views of the bytes) and the row count."""
+    given: dict[str, RawTensor] = {}
+    for t in batch.inputs:
+        if t.name in given:
+            raise InvalidInput(f"input '{t.name}' appears more than once")
+        if config.input(t.name) is None:
+            raise InvalidInput(f"model '{config.name}' has no input '{t.name}' "
+                               f"(inputs: {', '.join(s.name for s in config.inputs)})")
+        given[t.name] = t
+    batched = config.max_batch_size > 0
+    result, rows = [], None
+    for spec in config.inputs:
+        t = given.get(spec.name)
+        if t is None:
+            raise InvalidInput(f"input '{spec.name}' is missing")
+        if t.datatype != spec.datatype:
+            raise InvalidInput(f"input '{spec.name}': datatype {t.datatype}, "
+                               f"expected {spec.datatype}")
+        shape = tuple(t.shape)
+        row_shape = shape[1:] if batched else shape
+        expected = ["-1", *map(str, spec.dims)] if batched else list(map(str, spec.dims))
+        if (batched and not shape) or not spec.matches(row_shape):
+            raise InvalidInput(f"input '{spec.name}': shape {list(shape)}, "
+                               f"expected [{', '.join(expected)}]")
+        n = shape[0] if batched else 1
+        if rows is not None and n != rows:
+            raise InvalidInput(f"input '{spec.name}' has {n} rows, other inputs have {rows}")
+        rows = n
+        result.append(tensors.to_torch(t.name, t.datatype, shape, t.data))
+    if batched and not 1 <= rows <= config.max_batch_size:
+        raise InvalidInput(f"batch of {rows} rows; model '{config.name}' takes 1 to "
+                           f"{config.max_batch_size}")
+    return result, rows
+
+
+def postprocess(
+    config: ModelConfig, outputs: Sequence[torch.Tensor], wanted: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Model outputs plus the classifier's derived ones, only those in `wanted`."""
+    values = dict(zip((t.name for t in config.model_outputs), outputs, strict=True))
+    k = config.classifier
+    if k is None:
+        return {n: values[n] for n in wanted}
+    logits = values[k.logits]
+    derived: dict[str, torch.Tensor] = {}
+    need_probs = any(n in wanted for n in (k.probabilities, k.top_k_probabilities) if n)
+    if need_probs:
+        probs = torch.softmax(logits.float(), dim=-1)
+        if k.probabilities:
+            derived[k.probabilities] = probs
+    if k.predictions and k.predictions in wanted:
+        derived[k.predictions] = torch.argmax(logits, dim=-1).to(torch.int64)
+    if k.top_k and any(n in wanted for n in (k.top_k_indices, k.top_k_probabilities) if n):
+        source = probs if need_probs else logits
+        top_values, top_indices = torch.topk(source, k.top_k, dim=-1)
+        if k.top_k_indices:
+            derived[k.top_k_indices] = top_indices.to(torch.int64)
+        if k.top_k_probabilities:
+            derived[k.top_k_probabilities] = top_values
+    values.update(derived)
+    return {n: values[n] for n in wanted}
+
+
+def run_batch(config: ModelConfig, runner, batch: BatchRequest) -> BatchOutcome:
+    """Validates, runs and encodes one batch (in a worker thread). Raises InvalidInput."""
+    wanted = requested_outputs(config, batch.outputs)
+    inputs, rows = validate_inputs(config, batch)
+    start = time.perf_counter_ns()
+    outputs, executed = runner.run(inputs)
+    if config.max_batch_size == 0:  # one unbatched request: no batch dimension
+        executed = 1
+    compute_ns = time.perf_counter_ns() - start
+    encoded = []
+    for name, value in postprocess(config, outputs, wanted).items():
+        dtype, shape, data = tensors.raw_bytes(value)
+        encoded.append(RawTensor(name, dtype, tuple(shape), data))
+    return BatchOutcome(
+        batch.batch_id, outputs=tuple(encoded), compute_ns=compute_ns,
+        executed_batch_size=executed, rows=rows,
+    )

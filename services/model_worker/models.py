@@ -1,0 +1,327 @@
+"""Loaded models and the LRU model cache of one device. Imports neither grpc nor protobuf.
+
+The cache is bounded by count (--max-models) and by bytes (--max-memory-mb). A load that
+would exceed a bound evicts the least recently used idle model (no batch in flight); when
+none can go, the load fails with Overloaded naming what holds the memory. Concurrent
+loads of one version share a single load. Unload waits for the model's in-flight batches
+(new batches are refused as soon as the unload starts).
+
+All methods run on the event loop; loading runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from meshserve.common.datatypes import datatype, from_torch
+from meshserve.common.errors import ConfigError, InvalidInput, NotFound, Overloaded
+from meshserve.common.repository import ModelConfig, ModelRepository
+from meshserve.model_worker.cuda_graphs import BucketRunner, InputSpec, zero_inputs
+from meshserve.model_worker.loader import Forward, load_network, module_bytes, output_mapper
+from meshserve.model_worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+LOADING, READY = "LOADING", "READY"
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    model: str
+    version: str
+    state: str  # READY or LOADING
+    byte_size: int
+    warmup: tuple[tuple[int, int], ...] = ()  # (batch size, ns) per bucket
+    cuda_graphs: bool = False
+    load_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A model version ready to run on the device."""
+
+    config: ModelConfig
+    version: str
+    runner: BucketRunner
+    byte_size: int
+    warmup: tuple[tuple[int, int], ...]
+    cuda_graphs: bool
+    load_ns: int
+
+
+def _check_outputs(config: ModelConfig, forward: Forward, specs, device: torch.device) -> None:
+    """One eager run on zeros: the network must return the declared dtypes and dims."""
+    batched = config.max_batch_size > 0
+    inputs = zero_inputs(specs, 1, device)
+    if not batched:
+        inputs = [x[0] for x in inputs]
+    with torch.inference_mode():
+        outputs = forward(*inputs)
+    for spec, out in zip(config.model_outputs, outputs, strict=True):
+        got = from_torch(out.dtype)
+        shape = tuple(out.shape[1:] if batched else out.shape)
+        if got != spec.datatype or not spec.matches(shape):
+            raise InvalidInput(
+                f"model '{config.name}' output '{spec.name}' is {got} {list(shape)}, "
+                f"its config declares {spec.datatype} {list(spec.dims)}"
+            )
+
+
+def load_model(
+    config: ModelConfig, path: Path, version: str, device: str, cuda_graphs: bool
+) -> LoadedModel:
+    """Loads and warms one version (blocking: run it in a thread)."""
+    start = time.perf_counter_ns()
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    module = load_network(config, path, dev)
+    forward = output_mapper(config, module)
+    specs = [InputSpec(s.name, datatype(s.datatype).torch, s.dims) for s in config.inputs]
+    _check_outputs(config, forward, specs, dev)
+    batched = config.max_batch_size > 0
+    use_graphs = cuda and cuda_graphs and config.cuda_graphs and batched
+    if cuda:
+        torch.cuda.synchronize(dev)
+    base = torch.cuda.memory_allocated(dev) if cuda else 0
+    runner = BucketRunner(
+        forward, specs, config.buckets() if batched else (), dev,
+        static_buffers=use_graphs, use_graphs=use_graphs,
+    )
+    warmup: list[tuple[int, int]] = []
+    if batched and (config.warmup.enabled or runner.use_graphs):
+        warmup = runner.warmup()
+    extra = max(0, torch.cuda.memory_allocated(dev) - base) if cuda else 0
+    return LoadedModel(
+        config=config, version=version, runner=runner,
+        byte_size=module_bytes(module) + extra, warmup=tuple(warmup),
+        cuda_graphs=runner.use_graphs, load_ns=time.perf_counter_ns() - start,
+    )
+
+
+Loader = Callable[[ModelConfig, Path, str, str, bool], LoadedModel]
+
+
+@dataclass(slots=True)
+class _Entry:
+    name: str
+    version: str
+    byte_size: int  # the file size while loading, then the measured size
+    model: LoadedModel | None = None
+    in_flight: int = 0
+    unloading: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def info(self) -> ModelInfo:
+        m = self.model
+        if m is None:
+            return ModelInfo(self.name, self.version, LOADING, self.byte_size)
+        return ModelInfo(self.name, self.version, READY, self.byte_size, m.warmup,
+                         m.cuda_graphs, m.load_ns)
+
+
+def normalize_version(name: str, version: str) -> str:
+    v = str(version).strip()
+    if not v.isdigit() or int(v) < 1:
+        raise NotFound(f"model '{name}' has no version {version!r}")
+    return str(int(v))
+
+
+class ModelCache:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        device: str,
+        *,
+        max_models: int,
+        max_memory_bytes: int = 0,
+        cuda_graphs: bool = True,
+        loader: Loader = load_model,
+        on_change: Callable[[], None] = lambda: None,
+        metrics: WorkerMetrics | None = None,
+    ):
+        if max_models < 1 or max_memory_bytes < 0:
+            raise ValueError("max_models must be >= 1 and max_memory_bytes >= 0")
+        self.repository = repository
+        self.device = device
+        self.max_models = max_models
+        self.max_memory_bytes = max_memory_bytes
+        self.cuda_graphs = cuda_graphs
+        self._loader = loader
+        self._on_change = on_change
+        self._metrics = metrics
+        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()  # LRU first
+        self._loads: dict[tuple[str, str], asyncio.Task] = {}
+        self._default_versions: dict[str, str] = {}
+
+    # --------------------------------------------------------------------------- status
+
+    @property
+    def memory_used_bytes(self) -> int:
+        return sum(e.byte_size for e in self._entries.values())
+
+    def models(self) -> tuple[ModelInfo, ...]:
+        return tuple(e.info() for e in self._entries.values())
+
+    def ready_count(self) -> int:
+        return sum(1 for e in self._entries.values() if e.model is not None)
+
+    # -------------------------------------------------------------------------- loading
+
+    async def load(self, name: str, version: str = "") -> ModelInfo:
+        """Loads and warms a version ('' = the model's default version); a no-op when it
+        is loaded already. Returns once it is READY."""
+        if not version:
+            version = self.repository.default_version(name)
+        key = (name, normalize_version(name, version))
+        entry = self._entries.get(key)
+        if entry is not None and entry.model is not None and not entry.unloading:
+            self._entries.move_to_end(key)
+            return entry.info()
+        task = self._loads.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._load(*key))
+            self._loads[key] = task
+            task.add_done_callback(lambda _: self._loads.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _load(self, name: str, version: str) -> ModelInfo:
+        try:
+            config = self.repository.config(name)
+            path = self.repository.model_file(name, version)
+        except ConfigError as e:
+            raise InvalidInput(str(e)) from None
+        # Being unloaded: wait until it is gone (its unload runs once it is idle).
+        while (old := self._entries.get((name, version))) is not None:
+            await old.idle.wait()
+            await asyncio.sleep(0)
+        entry = _Entry(name, version, path.stat().st_size)
+        self._make_room(entry)
+        self._entries[(name, version)] = entry
+        entry.idle.set()
+        self._on_change()
+        try:
+            model = await asyncio.to_thread(
+                self._loader, config, path, version, self.device, self.cuda_graphs
+            )
+            entry.byte_size = model.byte_size
+            self._make_room(entry)
+        except BaseException:
+            self._remove(entry)
+            raise
+        entry.model = model
+        self._entries.move_to_end((name, version))
+        self._default_versions[name] = self.repository.default_version(name)
+        log.info("loaded %s (%.1f MiB, %.0f ms, buckets %s)", entry.label,
+                 entry.byte_size / MiB, model.load_ns / 1e6, [b for b, _ in model.warmup])
+        if self._metrics is not None:
+            self._metrics.loaded(name, version, model.load_ns)
+        self._on_change()
+        return entry.info()
+
+    def _make_room(self, entry: _Entry) -> None:
+        """Evicts idle models (LRU first) until `entry` fits; Overloaded if it cannot."""
+        key = (entry.name, entry.version)
+
+        def others():
+            return [e for k, e in self._entries.items() if k != key]
+
+        def too_many() -> bool:
+            return len(others()) + 1 > self.max_models
+
+        def too_big() -> bool:
+            limit = self.max_memory_bytes
+            return bool(limit) and sum(e.byte_size for e in others()) + entry.byte_size > limit
+
+        if self.max_memory_bytes and entry.byte_size > self.max_memory_bytes:
+            raise Overloaded(
+                f"{entry.label} needs {entry.byte_size / MiB:.1f} MiB, more than the worker's "
+                f"whole --max-memory-mb {self.max_memory_bytes / MiB:.1f} MiB"
+            )
+        while too_many() or too_big():
+            victim = next(
+                (e for e in others()
+                 if e.model is not None and e.in_flight == 0 and not e.unloading),
+                None,
+            )
+            if victim is None:
+                holders = ", ".join(
+                    f"{e.label} ({e.byte_size / MiB:.1f} MiB, "
+                    f"{'loading' if e.model is None else f'{e.in_flight} batches in flight'})"
+                    for e in others()
+                ) or "nothing"
+                bound = (f"--max-models {self.max_models}" if too_many()
+                         else f"--max-memory-mb {self.max_memory_bytes / MiB:.1f}")
+                raise Overloaded(
+                    f"cannot load {entry.label} ({entry.byte_size / MiB:.1f} MiB) within "
+                    f"{bound}: no idle model to evict; held by {holders}"
+                )
+            log.info("evicting %s (least recently used) to load %s", victim.label, entry.label)
+            self._remove(victim)
+
+    def _remove(self, entry: _Entry) -> None:
+        if self._entries.get((entry.name, entry.version)) is entry:
+            del self._entries[(entry.name, entry.version)]
+            entry.model = None
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            self._on_change()
+
+    async def unload(self, name: str, version: str = "") -> None:
+        """Waits for the version's in-flight batches, then drops it."""
+        if not version:
+            version = self._default_versions.get(name, "")
+        key = (name, normalize_version(name, version))
+        task = self._loads.get(key)
+        if task is not None:
+            await asyncio.gather(asyncio.shield(task), return_exceptions=True)
+        entry = self._entries.get(key)
+        if entry is None or entry.unloading:
+            raise NotFound(f"model {name} version {key[1]} is not loaded")
+        entry.unloading = True
+        await entry.idle.wait()
+        self._remove(entry)
+        log.info("unloaded %s", entry.label)
+
+    def close(self) -> None:
+        for entry in list(self._entries.values()):
+            self._remove(entry)
+
+    # ------------------------------------------------------------------------- batches
+
+    def acquire(self, name: str, version: str, worker_id: str) -> LoadedModel:
+        """The loaded version for one batch (counts it in flight, marks it recently used);
+        NotFound when it is not loaded. Pair with release()."""
+        if not version:
+            version = self._default_versions.get(name, "0")
+        v = version.strip()
+        key = (name, str(int(v)) if v.isdigit() else v)
+        entry = self._entries.get(key)
+        if entry is None or entry.model is None or entry.unloading:
+            why = "" if entry is None else (" (still loading)" if entry.model is None
+                                             else " (unloading)")
+            raise NotFound(f"model {name} version {version} is not loaded on worker "
+                           f"{worker_id}{why}")
+        entry.in_flight += 1
+        entry.idle.clear()
+        self._entries.move_to_end(key)
+        return entry.model
+
+    def release(self, model: LoadedModel) -> None:
+        entry = self._entries.get((model.config.name, model.version))
+        if entry is not None and entry.model is model:
+            entry.in_flight -= 1
+            if entry.in_flight == 0:
+                entry.idle.set()
