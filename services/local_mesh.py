@@ -45,16 +45,20 @@ def devices(spec: str) -> list[str]:
 
 
 class Child:
-    def __init__(self, name: str, proc: asyncio.subprocess.Process, port_file: Path):
+    def __init__(self, name: str, proc: asyncio.subprocess.Process, port_file: Path,
+                 log_file=None):
         self.name, self.proc, self.port_file = name, proc, port_file
+        self.out = log_file or sys.stdout
         self.pump = asyncio.create_task(self._pump())
 
     async def _pump(self) -> None:
+        """Every line the service prints, prefixed with its name."""
         color = COLORS.get(self.name.split("-")[0], 0)
-        tag = f"\033[{color}m{self.name:>9}\033[0m |" if sys.stdout.isatty() else f"{self.name:>9} |"
+        tty = self.out.isatty()
+        tag = f"\033[{color}m{self.name:>9}\033[0m |" if tty else f"{self.name:>9} |"
         async for line in self.proc.stdout:
-            sys.stdout.write(f"{tag} {line.decode(errors='replace')}")
-            sys.stdout.flush()
+            self.out.write(f"{tag} {line.decode(errors='replace')}")
+            self.out.flush()
 
     async def ready(self, timeout_s: float = 180) -> dict:
         """Waits for the port file a service writes once it is SERVING."""
@@ -86,53 +90,81 @@ def say(message: str) -> None:
     print(f"{'up':>9} | {message}", flush=True)
 
 
-async def run(args: argparse.Namespace) -> int:
-    tmp = Path(tempfile.mkdtemp(prefix="meshserve-up-"))
-    repo = str(Path(args.model_repository).resolve())
-    children: list[Child] = []
+class LocalMesh:
+    """Every service of the mesh as a child process of this one."""
 
-    async def start(name: str, module: str, *flags: str) -> Child:
-        port_file = tmp / f"{name}.json"
+    def __init__(self, model_repository: str, devices: list[str], redis_url: str = "",
+                 host: str = "127.0.0.1", port: int = 8001, metrics_port: int = 8002,
+                 log_level: str = "INFO", log_file=None, worker_flags: tuple[str, ...] = (),
+                 batcher_flags: tuple[str, ...] = ()):
+        self.repo = str(Path(model_repository).resolve())
+        self.devices, self.redis_url = devices, redis_url
+        self.host, self.port, self.metrics_port = host, port, metrics_port
+        self.log_level, self.log_file = log_level, log_file
+        self.worker_flags, self.batcher_flags = worker_flags, batcher_flags
+        self.tmp = Path(tempfile.mkdtemp(prefix="meshserve-up-"))
+        self.children: list[Child] = []
+        self.gateway_address = ""
+
+    async def _start(self, name: str, module: str, *flags: str) -> Child:
+        port_file = self.tmp / f"{name}.json"
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", module, *flags, "--port-file", str(port_file),
-            "--log-level", args.log_level,
+            "--log-level", self.log_level,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
+            start_new_session=True,  # Ctrl-C reaches `up` only; it stops children in order
         )
-        child = Child(name, proc, port_file)
-        children.append(child)
+        child = Child(name, proc, port_file, self.log_file)
+        self.children.append(child)
         return child
 
-    internal = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")
+    async def start(self) -> None:
+        internal = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")
+        cache_flags = ("--redis-url", self.redis_url) if self.redis_url else ()
+        cache = await self._start("cache", "meshserve.cache", *internal, *cache_flags)
+        workers = [
+            await self._start(f"worker-{i}", "meshserve.model_worker", *internal,
+                              "--device", device, "--model-repository", self.repo,
+                              *self.worker_flags)
+            for i, device in enumerate(self.devices)
+        ]
+        cache_port = (await cache.ready())["grpc"]
+        worker_ports = [(await w.ready())["grpc"] for w in workers]
+        batcher = await self._start(
+            "batcher", "meshserve.batcher", *internal, "--model-repository", self.repo,
+            "--workers", ",".join(f"127.0.0.1:{p}" for p in worker_ports), "--load", "all",
+            *self.batcher_flags,
+        )
+        batcher_port = (await batcher.ready())["grpc"]
+        gateway = await self._start(
+            "gateway", "meshserve.gateway", "--host", self.host, "--port", str(self.port),
+            "--metrics-port", str(self.metrics_port), "--model-repository", self.repo,
+            "--batcher", f"127.0.0.1:{batcher_port}", "--cache", f"127.0.0.1:{cache_port}",
+        )
+        ports = await gateway.ready()
+        self.gateway_address = f"127.0.0.1:{ports['grpc']}"
+        await load_models(self.gateway_address, self.repo)
+
+    def exited(self) -> list[asyncio.Task]:
+        return [asyncio.ensure_future(c.proc.wait()) for c in self.children]
+
+    async def stop(self) -> None:
+        """Gateway first (it drains), then the batcher, then workers and cache."""
+        order = ["gateway", "batcher"]
+        for name in order:
+            await asyncio.gather(*(c.stop() for c in self.children if c.name == name))
+        await asyncio.gather(*(c.stop() for c in self.children if c.name not in order))
+
+
+async def run(args: argparse.Namespace) -> int:
+    mesh = LocalMesh(args.model_repository, devices(args.devices), args.redis_url,
+                     args.host, args.port, args.metrics_port, args.log_level)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    async def bring_up() -> None:
-        cache_flags = ("--redis-url", args.redis_url) if args.redis_url else ()
-        cache = await start("cache", "meshserve.cache", *internal, *cache_flags)
-        workers = [
-            await start(f"worker-{i}", "meshserve.model_worker", *internal,
-                        "--device", device, "--model-repository", repo)
-            for i, device in enumerate(devices(args.devices))
-        ]
-        cache_port = (await cache.ready())["grpc"]
-        worker_ports = [(await w.ready())["grpc"] for w in workers]
-        batcher = await start(
-            "batcher", "meshserve.batcher", *internal, "--model-repository", repo,
-            "--workers", ",".join(f"127.0.0.1:{p}" for p in worker_ports), "--load", "all",
-        )
-        batcher_port = (await batcher.ready())["grpc"]
-        gateway = await start(
-            "gateway", "meshserve.gateway", "--host", args.host, "--port", str(args.port),
-            "--metrics-port", str(args.metrics_port), "--model-repository", repo,
-            "--batcher", f"127.0.0.1:{batcher_port}", "--cache", f"127.0.0.1:{cache_port}",
-        )
-        await gateway.ready()
-        await load_models(f"127.0.0.1:{args.port}", repo)
-
-    up_task = asyncio.create_task(bring_up())
+    up_task = asyncio.create_task(mesh.start())
     stop_task = asyncio.create_task(stop.wait())
     await asyncio.wait([up_task, stop_task], return_when=asyncio.FIRST_COMPLETED)
     code = 0
@@ -141,10 +173,10 @@ async def run(args: argparse.Namespace) -> int:
             f"(metrics http://{args.host}:{args.metrics_port}/metrics)")
         say("try:  .venv/bin/meshserve infer digits --input-file models/digits/example.json")
         say("stop: Ctrl-C")
-        died = [asyncio.create_task(c.proc.wait()) for c in children]
-        done, _ = await asyncio.wait([stop_task, *died], return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([stop_task, *mesh.exited()],
+                                     return_when=asyncio.FIRST_COMPLETED)
         if stop_task not in done:
-            dead = [c.name for c in children if c.proc.returncode is not None]
+            dead = [c.name for c in mesh.children if c.proc.returncode is not None]
             say(f"{', '.join(dead)} exited unexpectedly; stopping the mesh")
             code = 1
     elif up_task.done():
@@ -153,10 +185,7 @@ async def run(args: argparse.Namespace) -> int:
     else:
         up_task.cancel()
     say("stopping: gateway, batcher, then workers and cache")
-    order = ["gateway", "batcher"]
-    for name in order:
-        await asyncio.gather(*(c.stop() for c in children if c.name == name))
-    await asyncio.gather(*(c.stop() for c in children if c.name not in order))
+    await mesh.stop()
     say("stopped")
     return code
 

@@ -155,11 +155,13 @@ class Gateway:
             counts = self.cache_counts[(config.name, version)]
             generation = result.generation
             if result.hit:
-                cached = cache_pb2.CachedOutputs.FromString(result.value)
-                counts.hit_requests += 1
-                counts.hit_rows += rows
-                counts.hit_ns += elapsed
-                return InferOutcome(version, list(cached.outputs), cache_hit=True)
+                # Entries are shared by requests naming the same outputs in any order.
+                cached = {t.name: t for t in cache_pb2.CachedOutputs.FromString(result.value).outputs}
+                if all(name in cached for name in output_names):
+                    counts.hit_requests += 1
+                    counts.hit_rows += rows
+                    counts.hit_ns += elapsed
+                    return InferOutcome(version, [cached[n] for n in output_names], cache_hit=True)
             counts.miss_requests += 1
             counts.miss_ns += elapsed
 
