@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+
 from meshserve.pb.meshserve.v1 import cache_pb2, cache_pb2_grpc
 
 VALUE = b"\x00" * 512  # a small serialized CachedOutputs stand-in

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import redis.asyncio as aioredis
-from meshserve.cache.codec import decode_record, encode_record
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from meshserve.cache.codec import decode_record, encode_record
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
+
 from meshserve.cache.keys import DIGEST_BYTES
 from meshserve.common.errors import Unavailable
 from meshserve.common.grpcutil import error_from_rpc, insecure_channel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from google.protobuf.message import DecodeError
+
 from meshserve.pb.meshserve.v1 import cache_pb2
 
 

@@ -9,10 +9,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
 from meshserve.cache.backends import Backend, BackendUnavailable, Entry, Key, Result, StoreOutcome
 from meshserve.cache.keys import DIGEST_BYTES
 from meshserve.common.errors import InvalidInput, Unavailable
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 log = logging.getLogger(__name__)
 

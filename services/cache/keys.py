@@ -13,6 +13,7 @@ import struct
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
 from meshserve.common.errors import InvalidInput
 
 DIGEST_BYTES = 32

@@ -6,6 +6,8 @@ import asyncio
 import logging
 
 import grpc
+from prometheus_client import CollectorRegistry
+
 from meshserve.cache.backends import Backend, MemoryBackend, RedisBackend
 from meshserve.cache.config import Settings
 from meshserve.cache.core import PredictionCache
@@ -14,7 +16,6 @@ from meshserve.common import metrics
 from meshserve.common.grpcutil import new_server, set_serving, wait_for_signal
 from meshserve.common.settings import write_port_file
 from meshserve.pb.meshserve.v1 import cache_pb2, cache_pb2_grpc
-from prometheus_client import CollectorRegistry
 
 log = logging.getLogger(__name__)
 

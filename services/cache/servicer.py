@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+
 from meshserve.cache.backends import Entry, Key
 from meshserve.cache.core import PredictionCache
 from meshserve.common.grpcutil import grpc_errors

@@ -4,6 +4,7 @@ import asyncio
 import socket
 
 import pytest
+
 from meshserve.cache.client import CacheClient
 from meshserve.cache.config import Settings
 from meshserve.cache.server import create_server

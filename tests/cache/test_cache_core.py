@@ -8,10 +8,11 @@ import time
 import uuid
 
 import pytest
+from prometheus_client import CollectorRegistry
+
 from meshserve.cache.backends import Entry, Key, MemoryBackend, RedisBackend
 from meshserve.cache.core import PredictionCache
 from meshserve.common.errors import InvalidInput, Unavailable
-from prometheus_client import CollectorRegistry
 
 
 def key(n: int, model="digits", version="1") -> Key:

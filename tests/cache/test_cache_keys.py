@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from meshserve.cache.keys import DIGEST_BYTES, request_digest
 from meshserve.common.errors import InvalidInput
 

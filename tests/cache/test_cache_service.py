@@ -6,6 +6,7 @@ import asyncio
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from meshserve.cache.config import Settings, from_args
 from meshserve.cache.keys import request_digest
 from meshserve.cache.server import create_server
