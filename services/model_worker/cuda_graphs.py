@@ -92,11 +92,11 @@ class BucketRunner:
     # ------------------------------------------------------------------ warmup / capture
 
     def warmup(self) -> list[tuple[int, int]]:
-        """Runs (and on CUDA captures) every bucket with zero inputs, largest first so the
-        shared graph pool is sized once. Returns [(bucket, ns)] in ascending order."""
+        """Runs (and on CUDA captures) every bucket with zero inputs; graphs are captured
+        largest first so the shared pool is sized once. Returns [(bucket, ns)] ascending."""
         timings = []
         with torch.inference_mode():
-            for size in sorted(self.buckets, reverse=True):
+            for size in sorted(self.buckets, reverse=self.use_graphs):
                 start = time.perf_counter_ns()
                 if self.static:
                     self._prepare(size)

@@ -1,6 +1,7 @@
 """Loaded models and the LRU model cache of one device. Imports neither grpc nor protobuf.
 
-The cache is bounded by count (--max-models) and by bytes (--max-memory-mb). A load that
+The cache is bounded by count (--max-models) and by bytes (--max-memory-mb; a model's
+size is measured once loaded and warmed, so the byte bound is checked then). A load that
 would exceed a bound evicts the least recently used idle model (no batch in flight); when
 none can go, the load fails with Overloaded naming what holds the memory. Concurrent
 loads of one version share a single load. Unload waits for the model's in-flight batches
@@ -114,7 +115,7 @@ Loader = Callable[[ModelConfig, Path, str, str, bool], LoadedModel]
 class _Entry:
     name: str
     version: str
-    byte_size: int  # the file size while loading, then the measured size
+    byte_size: int  # 0 while loading, then the measured size
     model: LoadedModel | None = None
     in_flight: int = 0
     unloading: bool = False
@@ -207,7 +208,9 @@ class ModelCache:
         while (old := self._entries.get((name, version))) is not None:
             await old.idle.wait()
             await asyncio.sleep(0)
-        entry = _Entry(name, version, path.stat().st_size)
+        # The byte size is known once loaded (on CUDA it includes the graphs): the count
+        # bound is enforced now, the byte bound right after loading.
+        entry = _Entry(name, version, 0)
         self._make_room(entry)
         self._entries[(name, version)] = entry
         entry.idle.set()
