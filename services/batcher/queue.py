@@ -15,9 +15,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from meshserve.batcher.records import Batch, Request, join_rows
 from meshserve.common.errors import Cancelled, DeadlineExceeded, InvalidInput, MeshError, Overloaded
 from meshserve.common.repository import BatchingConfig
-from meshserve.batcher.records import Batch, Request, join_rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,13 +202,12 @@ class BatchQueue:
             return None
         if idle:
             return 0.0
-        plan = self.plan(plan)
-        if self._rows >= plan.target_rows or self.policy.max_batch_size == 0:
+        if self._rows >= self.plan(plan).target_rows or self.policy.max_batch_size == 0:
             return 0.0
-        if any(p <= self._rows for p in self.policy.preferred_batch_sizes):
+        if plan is None and any(p <= self._rows for p in self.policy.preferred_batch_sizes):
             return 0.0
         oldest = min(level[0].enqueued_s for level in self._levels if level)
-        wait = oldest + plan.max_wait_s - self.now()
+        wait = oldest + self.plan(plan).max_wait_s - self.now()
         deadline = self.next_deadline_s()
         if deadline is not None:
             wait = min(wait, deadline - self.now())
@@ -219,10 +218,10 @@ class BatchQueue:
         self.purge()
         if not self._by_id:
             return None
-        plan = self.plan(plan)
-        limit = min(plan.target_rows, self.policy.batch_rows)
+        limit = min(self.plan(plan).target_rows, self.policy.batch_rows)
+        # An adaptive plan replaces the preferred sizes.
         preferred = [p for p in self.policy.preferred_batch_sizes if p <= self._rows]
-        if preferred and self._rows < limit:
+        if plan is None and preferred and self._rows < limit:
             limit = max(preferred)
         taken: list[Request] = []
         rows = 0

@@ -191,7 +191,7 @@ def _raw(x: np.ndarray, data: bytes) -> tc.InferInput:
          "exceeds max_batch_size 64"),
         (dict(outputs=[tc.InferRequestedOutput("nope")]), "INVALID_ARGUMENT",
          "unknown requested output 'nope'"),
-        (dict(parameters={"priority": 7}), "INVALID_ARGUMENT", "priority 7 is out of range"),
+        (dict(priority=7), "INVALID_ARGUMENT", "priority 7 is out of range"),
     ],
 )
 def test_validation_errors(client, kwargs, code, fragment):

@@ -1,0 +1,78 @@
+"""Converters between the batcher's records and meshserve.v1 messages (pure, symmetric)."""
+
+from __future__ import annotations
+
+from meshserve.batcher.records import Batch, BatchOutcome, InferResult, RawTensor, raw_tensor
+from meshserve.batcher.stats import ModelStats
+from meshserve.batcher.workers import HeldModel, WorkerReport
+from meshserve.common import grpcutil
+from meshserve.pb.meshserve.v1 import batcher_pb2, tensor_pb2, worker_pb2
+
+
+def tensor_from_pb(t: tensor_pb2.Tensor) -> RawTensor:
+    return raw_tensor(t.name, t.datatype, tuple(t.shape), t.data)
+
+
+def tensor_to_pb(t: RawTensor) -> tensor_pb2.Tensor:
+    return tensor_pb2.Tensor(name=t.name, datatype=t.datatype, shape=list(t.shape),
+                             data=t.data.tobytes())
+
+
+def batch_to_pb(batch: Batch) -> worker_pb2.Batch:
+    return worker_pb2.Batch(
+        batch_id=batch.batch_id, model=batch.model, version=batch.version,
+        inputs=[tensor_to_pb(t) for t in batch.inputs], outputs=list(batch.outputs),
+    )
+
+
+def outcome_from_pb(r: worker_pb2.BatchResult) -> BatchOutcome:
+    if r.code != 0:
+        return BatchOutcome(grpcutil.error_from_code(r.code, r.message), (), r.compute_ns,
+                            r.executed_batch_size)
+    return BatchOutcome(None, tuple(tensor_from_pb(t) for t in r.outputs), r.compute_ns,
+                        r.executed_batch_size)
+
+
+def result_to_pb(r: InferResult) -> batcher_pb2.InferResult:
+    if r.error is not None:
+        return batcher_pb2.InferResult(
+            request_id=r.request_id, code=grpcutil.code_value(r.error), message=str(r.error),
+            queue_ns=r.queue_ns, batch_size=r.batch_size,
+        )
+    return batcher_pb2.InferResult(
+        request_id=r.request_id, outputs=[tensor_to_pb(t) for t in r.outputs],
+        queue_ns=r.queue_ns, compute_ns=r.compute_ns, batch_size=r.batch_size,
+    )
+
+
+def report_from_pb(s: worker_pb2.WorkerStatus) -> WorkerReport:
+    return WorkerReport(
+        worker_id=s.worker_id, device=s.device,
+        models=tuple(HeldModel(m.model, m.version, m.state, m.byte_size) for m in s.models),
+        memory_used_bytes=s.memory_used_bytes, memory_limit_bytes=s.memory_limit_bytes,
+        max_models=s.max_models, in_flight=s.in_flight,
+    )
+
+
+def stats_to_pb(s: ModelStats) -> batcher_pb2.ModelStats:
+    d = batcher_pb2.Duration
+    return batcher_pb2.ModelStats(
+        model=s.model, version=s.version, last_inference_ms=s.last_inference_ms,
+        inference_count=s.inference_count, execution_count=s.execution_count,
+        success=d(count=s.success.count, ns=s.success.ns),
+        fail=d(count=s.fail.count, ns=s.fail.ns),
+        queue=d(count=s.queue.count, ns=s.queue.ns),
+        compute_infer=d(count=s.compute_infer.count, ns=s.compute_infer.ns),
+        batch_stats=[
+            batcher_pb2.BatchSizeStats(batch_size=size, compute_infer=d(count=v.count, ns=v.ns))
+            for size, v in sorted(s.batch_stats.items())
+        ],
+    )
+
+
+def states_to_pb(states) -> batcher_pb2.ModelStatesResponse:
+    return batcher_pb2.ModelStatesResponse(versions=[
+        batcher_pb2.ModelVersionState(model=s.model, version=s.version, state=s.state,
+                                      reason=s.reason, workers=list(s.workers))
+        for s in states
+    ])

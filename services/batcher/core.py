@@ -1,0 +1,560 @@
+"""The batcher's core: per model version queues, one dispatcher task per queue, batches
+sent to workers with retries, model placement (load/unload), and per-stream sessions.
+
+Pure domain: workers are reached through WorkerLink objects (connection.py over gRPC);
+requests and results are records.py records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from meshserve.batcher.adaptive import AdaptivePolicy, ArrivalRate
+from meshserve.batcher.queue import BatchPolicy, BatchQueue, Plan
+from meshserve.batcher.records import Batch, InferResult, RawTensor, Request
+from meshserve.batcher.stats import ModelStats, Statistics
+from meshserve.batcher.workers import Key, Worker, WorkerPool
+from meshserve.common.errors import (
+    Cancelled,
+    Internal,
+    InvalidInput,
+    MeshError,
+    NotFound,
+    Unavailable,
+)
+from meshserve.common.repository import ModelConfig, ModelRepository
+
+log = logging.getLogger(__name__)
+
+LOAD_RETRY_AFTER_S = 5.0
+LOAD_READY_WAIT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherOptions:
+    max_retries: int = 2
+    max_batch_size: int = 0  # 0: the model config's
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 0
+    adaptive: bool | None = None  # None: the model config's
+
+
+@dataclass(frozen=True, slots=True)
+class VersionState:
+    model: str
+    version: str
+    state: str  # READY, LOADING, UNAVAILABLE
+    reason: str
+    workers: tuple[str, ...]
+
+
+class _ModelQueue:
+    """A queue with its config, adaptive state and dispatcher task."""
+
+    def __init__(self, key: Key, config: ModelConfig, queue: BatchQueue):
+        self.key, self.config, self.queue = key, config, queue
+        self.rate = ArrivalRate(queue.now)
+        p = queue.policy
+        self.adaptive = (
+            AdaptivePolicy(p.batch_rows, p.target_latency_us, p.preferred_batch_sizes)
+            if p.adaptive and p.max_batch_size > 0 else None
+        )
+        self.task: asyncio.Task | None = None
+
+
+class Batcher:
+    def __init__(self, repository: ModelRepository, pool: WorkerPool,
+                 options: BatcherOptions = BatcherOptions(), stats: Statistics | None = None,
+                 now: Callable[[], float] = time.monotonic):
+        self.repository, self.pool, self.options = repository, pool, options
+        self.stats = stats or Statistics()
+        self.now = now
+        self._queues: dict[Key, _ModelQueue] = {}
+        self._batch_ids = itertools.count(1)
+        self._tasks: set[asyncio.Task] = set()
+        self._wanted: set[Key] = set()
+        self._unwanted: set[Key] = set()
+        self._loads: dict[Key, asyncio.Task] = {}
+        self._load_errors: dict[Key, tuple[float, str]] = {}
+        self.pool.listeners.append(self._on_pool_change)
+
+    # ------------------------------------------------------------------ intake
+
+    def submit(self, request_id: int, model: str, version: str, inputs: list[RawTensor],
+               outputs: list[str], priority: int, timeout_us: int) -> Request:
+        """Validates cheaply and queues a request; its future gets an InferResult.
+        Raises NotFound, InvalidInput or Overloaded at once."""
+        mq = self._queue(model, version)
+        q, config = mq.queue, mq.config
+        ordered = _ordered_inputs(config, inputs)
+        if config.max_batch_size > 0:
+            rows = {t.rows if t.shape else -1 for t in ordered}
+            if len(rows) != 1 or -1 in rows:
+                raise InvalidInput(
+                    f"inputs of a request must all have the same number of rows (dimension 0), "
+                    f"got {[list(t.shape) for t in ordered]}"
+                )
+            n_rows = rows.pop()
+            if n_rows < 1:
+                raise InvalidInput("a request must carry at least one row")
+        else:
+            n_rows = 1
+        now = self.now()
+        request = Request(
+            request_id=request_id, model=model, version=version, inputs=tuple(ordered),
+            outputs=tuple(outputs), rows=n_rows, level=q.level_of(priority), enqueued_s=now,
+            deadline_s=q.deadline_of(timeout_us),
+            future=asyncio.get_running_loop().create_future(),
+        )
+        q.put(request)
+        mq.rate.observe(n_rows)
+        self.stats.set_depth(model, version, len(q))
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """The caller went away: drop the request if queued, answer it CANCELLED."""
+        mq = self._queues.get((request.model, request.version))
+        if mq is None or not mq.queue.cancel(request):
+            request.cancelled = True
+            self._answer(request, InferResult(request.request_id, Cancelled(
+                "request cancelled by its caller")))
+
+    def _queue(self, model: str, version: str) -> _ModelQueue:
+        key = (model, version)
+        mq = self._queues.get(key)
+        if mq is not None:
+            return mq
+        config = self.repository.config(model)  # NotFound for an unknown model
+        if not version.isdigit() or int(version) not in self.repository.versions(model):
+            raise NotFound(f"model '{model}' has no version {version!r}")
+        o = self.options
+        policy = BatchPolicy.from_config(
+            config.max_batch_size, config.batching,
+            max_batch_size_override=o.max_batch_size,
+            max_queue_delay_us_override=o.max_queue_delay_us,
+            max_queue_size_override=o.max_queue_size, adaptive_override=o.adaptive,
+        )
+        queue = BatchQueue(model, version, policy, self.now)
+        queue.on_drop = lambda r, e: self._answer(r, InferResult(r.request_id, e))
+        mq = self._queues[key] = _ModelQueue(key, config, queue)
+        mq.task = self._spawn(self._dispatch(mq))
+        return mq
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def _dispatch(self, mq: _ModelQueue) -> None:
+        q, key = mq.queue, mq.key
+        while True:
+            await q.wait_nonempty()
+            try:
+                worker = await self._acquire(key, q)
+            except MeshError as e:
+                q.fail_all(e)
+                self.stats.set_depth(*key, len(q))
+                continue
+            if worker is None:
+                continue
+
+            def plan(w: Worker = worker) -> Plan | None:
+                if mq.adaptive is None:
+                    return None
+                return mq.adaptive.plan(w.profile(key), mq.rate.rows_per_s)
+
+            # Only our lease on it: the worker is idle, so a lone request goes at once.
+            batch = await q.next_batch(
+                next(self._batch_ids), idle=lambda w=worker: w.outstanding <= 1, plan=plan
+            )
+            self.stats.set_depth(*key, len(q))
+            if batch is None:
+                self.pool.release(worker)
+                continue
+            self._spawn(self._run_batch(key, batch, worker))
+
+    async def _acquire(self, key: Key, q: BatchQueue | None,
+                       avoid: frozenset[str] = frozenset()) -> Worker | None:
+        """A READY worker with a free slot (its slot taken); None if q emptied meanwhile.
+        Workers in `avoid` (those a batch failed on) are used only if no other holds it."""
+        while True:
+            if q is not None:
+                q.purge()
+                if not len(q):
+                    return None
+            others = any(w.address not in avoid for w in self.pool.holders(key))
+            w = self.pool.pick(key, avoid if others else frozenset())
+            if w is not None:
+                self.pool.acquire(w)
+                return w
+            if not self.pool.holders(key) and not self.pool.loading(key):
+                self._ensure_loading(key)
+            deadline = q.next_deadline_s() if q is not None else None
+            await self.pool.wait_change(None if deadline is None else deadline - self.now())
+
+    def _ensure_loading(self, key: Key) -> None:
+        """Starts loading a wanted model nobody holds; raises Unavailable when it cannot."""
+        model, version = key
+        if key in self._loads:
+            return
+        if not self.pool.connected():
+            raise Unavailable(
+                f"no model worker is serving {model} version {version}: "
+                f"no model worker is connected ({len(self.pool.workers)} known)"
+            )
+        if key in self._unwanted or key not in self._wanted:
+            raise Unavailable(f"model {model} version {version} is not loaded")
+        failed = self._load_errors.get(key)
+        if failed is not None and self.now() - failed[0] < LOAD_RETRY_AFTER_S:
+            raise Unavailable(f"no model worker is serving {model} version {version}: {failed[1]}")
+        self._start_load(key)
+
+    def _start_load(self, key: Key) -> asyncio.Task:
+        task = self._loads.get(key)
+        if task is None:
+            task = self._loads[key] = self._spawn(self._load(key))
+            task.add_done_callback(lambda _t: self._loads.pop(key, None))
+        return task
+
+    async def _load(self, key: Key) -> None:
+        model, version = key
+        w = self.pool.pick_for_load(key)
+        if w is None:
+            self._load_errors[key] = (self.now(), "no model worker is connected")
+            self.pool.notify()
+            return
+        log.info("loading %s version %s on %s", model, version, w.address)
+        w.loading.add(key)
+        self.pool.notify()
+        try:
+            await w.link.load(model, version)
+        except Exception as e:  # noqa: BLE001 - a failed load is reported, never raised
+            log.warning("loading %s version %s on %s failed: %s", model, version, w.address, e)
+            self._load_errors[key] = (self.now(), f"{w.address}: {e}")
+            w.loading.discard(key)
+            self.pool.notify()
+            return
+        self._load_errors.pop(key, None)
+        # Load returns once ready; wait for the worker's status to say so.
+        limit = self.now() + LOAD_READY_WAIT_S
+        while w.connected and not w.ready(key) and self.now() < limit:
+            await self.pool.wait_change(1.0)
+        w.loading.discard(key)
+        self.pool.notify()
+
+    async def _run_batch(self, key: Key, batch: Batch, worker: Worker) -> None:
+        model, version = key
+        attempts = 0
+        failed_on: set[str] = set()
+        while True:
+            attempts += 1
+            error: MeshError
+            try:
+                outcome = await worker.link.execute(batch)
+            except MeshError as e:
+                outcome, error, retry = None, e, isinstance(e, Unavailable)
+            finally:
+                self.pool.release(worker)
+            if outcome is not None:
+                if outcome.error is None:
+                    self._finish(batch, worker, outcome)
+                    return
+                error = outcome.error
+                retry = isinstance(error, NotFound)
+                if retry:
+                    # The worker's state drifted from its report: do not send it this model.
+                    worker.drifted.add(key)
+            failed_on.add(worker.address)
+            if not retry:
+                self._answer_all(batch, error)
+                return
+            if all(r.done for r in batch.requests):
+                return
+            if attempts > self.options.max_retries:
+                self._answer_all(batch, Unavailable(
+                    f"no model worker is serving {model} version {version}: {error} "
+                    f"(after {attempts} attempts)"))
+                return
+            log.info("batch %d of %s version %s failed on %s (%s); retrying",
+                     batch.batch_id, model, version, worker.address, error)
+            try:
+                worker = await self._acquire(key, None, frozenset(failed_on))
+            except MeshError as e:
+                self._answer_all(batch, e)
+                return
+
+    def _finish(self, batch: Batch, worker: Worker, outcome) -> None:
+        key = (batch.model, batch.version)
+        executed = outcome.executed_batch_size or batch.rows
+        worker.profile(key).observe(executed, outcome.compute_ns / 1e9)
+        self.stats.record_batch(batch.model, batch.version, batch.rows, executed,
+                                outcome.compute_ns)
+        mq = self._queues.get(key)
+        batching = mq is None or mq.config.max_batch_size > 0
+        if batching:
+            bad = [t for t in outcome.outputs if t.rows != batch.rows]
+            if bad or not outcome.outputs:
+                self._answer_all(batch, Internal(
+                    f"model worker {worker.address} returned "
+                    f"{[list(t.shape) for t in outcome.outputs]} for a batch of {batch.rows} rows"))
+                return
+        offset = 0
+        for r in batch.requests:
+            outputs = tuple(
+                (t.rows_slice(offset, offset + r.rows) if batching else t)
+                for t in outcome.outputs if not r.outputs or t.name in r.outputs
+            )
+            offset += r.rows
+            self._answer(r, InferResult(
+                r.request_id, None, outputs,
+                queue_ns=int((batch.closed_s - r.enqueued_s) * 1e9),
+                compute_ns=outcome.compute_ns, batch_size=batch.rows,
+            ))
+
+    def _answer_all(self, batch: Batch, error: MeshError) -> None:
+        for r in batch.requests:
+            self._answer(r, InferResult(
+                r.request_id, error, queue_ns=int((batch.closed_s - r.enqueued_s) * 1e9),
+                batch_size=batch.rows))
+
+    def _answer(self, r: Request, result: InferResult) -> None:
+        """Sets a request's result once; later answers are ignored."""
+        if r.future.done():
+            return
+        r.future.set_result(result)
+        code = "OK" if result.error is None else result.error.code_name
+        queued = result.queue_ns if result.error is None or result.batch_size else None
+        self.stats.record_request(r.model, r.version, code,
+                                  int((self.now() - r.enqueued_s) * 1e9), queued)
+
+    def record_rejected(self, model: str, version: str, error: MeshError) -> None:
+        """Counts a request refused at intake (only for known model versions)."""
+        if (model, version) in self._queues:
+            self.stats.record_request(model, version, error.code_name, 0, None)
+
+    def _on_pool_change(self) -> None:
+        self.note_reported()
+        for mq in self._queues.values():
+            mq.queue.wake()
+
+    # ------------------------------------------------------------------ models
+
+    def want(self, models: list[str]) -> list[Key]:
+        """Marks models (every version the policy selects) wanted, e.g. from --load."""
+        keys = []
+        for name in models:
+            for v in self.repository.served_versions(name):
+                key = (name, str(v))
+                self._wanted.add(key)
+                self._unwanted.discard(key)
+                keys.append(key)
+        return keys
+
+    async def load_model(self, model: str, versions: list[str]) -> list[VersionState]:
+        config = self.repository.config(model)
+        on_disk = self.repository.versions(model)
+        if not versions:
+            versions = [str(v) for v in config.version_policy.select(on_disk)]
+        for v in versions:
+            if not v.isdigit() or int(v) not in on_disk:
+                raise NotFound(f"model '{model}' has no version {v!r} in the model repository")
+        keys = [(model, str(int(v))) for v in versions]
+        await asyncio.gather(*(self.ensure_loaded(k) for k in keys))
+        return [s for s in self.model_states(model) if (s.model, s.version) in keys]
+
+    async def ensure_loaded(self, key: Key) -> None:
+        """Marks a version wanted and returns once a worker holds it READY or loading failed."""
+        self._wanted.add(key)
+        self._unwanted.discard(key)
+        self._load_errors.pop(key, None)
+        while not self.pool.holders(key):
+            if not self.pool.loading(key):
+                if not self.pool.connected():
+                    self._load_errors[key] = (self.now(), "no model worker is connected")
+                    return
+                task = self._start_load(key)
+            else:
+                task = self._loads.get(key)
+            if task is not None:
+                await asyncio.shield(task)
+                if key in self._load_errors:
+                    return
+            else:
+                await self.pool.wait_change(1.0)
+
+    async def unload_model(self, model: str, versions: list[str]) -> list[VersionState]:
+        known = self._known_versions(model)
+        versions = [str(int(v)) if v.isdigit() else v for v in versions] or known
+        for v in versions:
+            if v not in known:
+                raise NotFound(f"model '{model}' has no version {v!r}")
+        for v in versions:
+            key = (model, v)
+            self._wanted.discard(key)
+            self._unwanted.add(key)
+            task = self._loads.pop(key, None)
+            if task is not None:
+                task.cancel()
+            holders = [w for w in self.pool.connected() if w.state_of(key) is not None]
+            results = await asyncio.gather(
+                *(w.link.unload(model, v) for w in holders), return_exceptions=True)
+            for w, res in zip(holders, results, strict=True):
+                w.loading.discard(key)
+                if isinstance(res, BaseException) and not isinstance(res, NotFound):
+                    log.warning("unloading %s version %s from %s: %s", model, v, w.address, res)
+        # Wait (bounded) for the workers' reports to drop it.
+        limit = self.now() + 5.0
+        while self.now() < limit and any(
+            w.state_of((model, v)) for w in self.pool.connected() for v in versions
+        ):
+            await self.pool.wait_change(0.5)
+        return [s for s in self.model_states(model) if s.version in versions]
+
+    def _known_versions(self, model: str) -> list[str]:
+        on_disk = {str(v) for v in self.repository.versions(model)}
+        held = {
+            m.version for w in self.pool.connected() if w.report
+            for m in w.report.models if m.model == model
+        }
+        return sorted(on_disk | held, key=lambda v: (len(v), v))
+
+    def model_states(self, model: str = "") -> list[VersionState]:
+        names = [model] if model else self.repository.names()
+        out = []
+        for name in names:
+            for v in self._known_versions(name):
+                out.append(self.version_state((name, v)))
+        return out
+
+    def version_state(self, key: Key) -> VersionState:
+        model, version = key
+        holders = tuple(sorted(w.address for w in self.pool.holders(key)))
+        if holders:
+            return VersionState(model, version, "READY", "", holders)
+        if self.pool.loading(key) or key in self._loads:
+            return VersionState(model, version, "LOADING", "", ())
+        if key in self._unwanted:
+            reason = "unloaded"
+        elif key in self._load_errors:
+            reason = f"load failed: {self._load_errors[key][1]}"
+        elif not self.pool.connected():
+            reason = "no model worker is connected"
+        else:
+            reason = "not loaded on any model worker"
+        return VersionState(model, version, "UNAVAILABLE", reason, ())
+
+    def note_reported(self) -> None:
+        """A worker reported its models: versions it holds READY become wanted (so they are
+        reloaded elsewhere after an eviction or a worker restart) unless unloaded."""
+        for w in self.pool.connected():
+            if w.report is None:
+                continue
+            for m in w.report.models:
+                key = (m.model, m.version)
+                if m.state == "READY" and key not in self._unwanted:
+                    self._wanted.add(key)
+
+    def statistics(self, model: str = "", version: str = "") -> list[ModelStats]:
+        if model:
+            known = self._known_versions(model)
+            if version and version not in known:
+                raise NotFound(f"model '{model}' has no version {version!r}")
+            for v in [version] if version else known:
+                self.stats.ensure(model, v)
+        return self.stats.snapshot(model, version)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("batcher task failed", exc_info=task.exception())
+
+    async def close(self) -> None:
+        for mq in self._queues.values():
+            mq.queue.fail_all(Unavailable("the batcher is shutting down"))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _ordered_inputs(config: ModelConfig, inputs: list[RawTensor]) -> list[RawTensor]:
+    """The request's inputs in the model's declared order; every input exactly once."""
+    by_name = {t.name: t for t in inputs}
+    expected = [s.name for s in config.inputs]
+    if len(by_name) != len(inputs) or set(by_name) != set(expected):
+        raise InvalidInput(
+            f"model '{config.name}' takes inputs {expected}, got {[t.name for t in inputs]}"
+        )
+    return [by_name[n] for n in expected]
+
+
+class Session:
+    """One Infer stream: requests multiplexed by id, and an outbox of ready results that
+    the writer drains whole into one message."""
+
+    def __init__(self, batcher: Batcher):
+        self.batcher = batcher
+        self.pending: dict[int, Request] = {}
+        self._outbox: list[InferResult] = []
+        self._ready = asyncio.Event()
+        self._input_ended = False
+
+    def submit(self, request_id: int, model: str, version: str, inputs: list[RawTensor],
+               outputs: list[str], priority: int, timeout_us: int) -> None:
+        try:
+            request = self.batcher.submit(request_id, model, version, inputs, outputs,
+                                          priority, timeout_us)
+        except MeshError as e:
+            self.batcher.record_rejected(model, version, e)
+            self._post(InferResult(request_id, e))
+            return
+        self.pending[request_id] = request
+        request.future.add_done_callback(lambda f, rid=request_id: self._done(rid, f))
+
+    def fail(self, request_id: int, error: MeshError) -> None:
+        """A request that could not even be read (bad tensor): answered at once."""
+        self._post(InferResult(request_id, error))
+
+    def cancel(self, request_id: int) -> None:
+        request = self.pending.get(request_id)
+        if request is not None:
+            self.batcher.cancel(request)
+
+    def _done(self, request_id: int, future: asyncio.Future) -> None:
+        self.pending.pop(request_id, None)
+        if not future.cancelled():
+            self._post(future.result())
+
+    def _post(self, result: InferResult) -> None:
+        self._outbox.append(result)
+        self._ready.set()
+
+    async def drain(self) -> list[InferResult] | None:
+        """Every ready result (waits for at least one); None once the caller has
+        half-closed and every request is answered."""
+        while not self._outbox:
+            if self._input_ended and not self.pending:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        out, self._outbox = self._outbox, []
+        return out
+
+    def end_input(self) -> None:
+        """The caller sent its last message; answer what is pending, then end."""
+        self._input_ended = True
+        self._ready.set()
+
+    def close(self) -> None:
+        """The stream ended: cancel whatever is still queued or running."""
+        for request in list(self.pending.values()):
+            self.batcher.cancel(request)

@@ -1,0 +1,165 @@
+"""The batcher core with fake worker links (isolates retries, cancellation, errors)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from meshserve.batcher.core import Batcher, BatcherOptions, Session
+from meshserve.batcher.records import BatchOutcome, RawTensor, raw_tensor
+from meshserve.batcher.workers import HeldModel, WorkerPool, WorkerReport
+from meshserve.common.errors import Cancelled, InvalidInput, NotFound, Unavailable
+from meshserve.common.repository import ModelRepository
+
+KEY = ("digits", "2")
+
+
+class FakeLink:
+    """Echoes the batch's input as output 'logits'; `gate` holds execution; `fail` makes
+    the next executions fail with the given errors (an exception is raised when it is
+    Unavailable, as a broken stream does; other errors come back as a batch result)."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail: list[Exception] = []
+        self.batches: list = []
+
+    async def execute(self, batch) -> BatchOutcome:
+        self.batches.append(batch)
+        await self.gate.wait()
+        if self.fail:
+            error = self.fail.pop(0)
+            if isinstance(error, Unavailable):
+                raise error
+            return BatchOutcome(error, (), 0, 0)
+        x = batch.inputs[0]
+        out = RawTensor("logits", x.datatype, x.shape, x.data)
+        return BatchOutcome(None, (out,), 1000, batch.rows)
+
+    async def load(self, model, version):
+        raise AssertionError("no load expected")
+
+    async def unload(self, model, version):
+        pass
+
+
+def setup(models_dir, n_workers: int = 1):
+    pool = WorkerPool()
+    links = []
+    for i in range(n_workers):
+        link = FakeLink(f"w{i}")
+        pool.add(link, max_in_flight=2)
+        report = WorkerReport("w", "cpu", (HeldModel("digits", "2", "READY"),), 0, 0, 8, 0)
+        pool.update(link.address, report, connected=True)
+        links.append(link)
+    batcher = Batcher(ModelRepository(models_dir), pool, BatcherOptions(max_retries=2))
+    return batcher, links
+
+
+def row(value: float, n: int = 1):
+    x = np.full((n, 64), value, np.float32)
+    return [raw_tensor("input", "FP32", x.shape, x.tobytes())]
+
+
+def first_value(result) -> float:
+    return float(np.frombuffer(result.outputs[0].data.tobytes(), np.float32)[0])
+
+
+def test_cancelled_caller_inside_a_batch_does_not_hold_the_others(models_dir):
+    async def body():
+        batcher, [link] = setup(models_dir)
+        link.gate.clear()
+        a, b, c = (batcher.submit(i, "digits", "2", row(i), [], 0, 0) for i in (1, 2, 3))
+        while not link.batches:
+            await asyncio.sleep(0)
+        assert [r.request_id for r in link.batches[0].requests] == [1, 2, 3]
+        batcher.cancel(b)
+        assert isinstance(b.future.result().error, Cancelled)
+        link.gate.set()
+        ra, rc = await asyncio.wait_for(asyncio.gather(a.future, c.future), 5)
+        assert (first_value(ra), first_value(rc)) == (1.0, 3.0)
+        assert ra.batch_size == 3 and ra.outputs[0].shape == (1, 64)
+        await batcher.close()
+    asyncio.run(body())
+
+
+def test_not_found_from_a_worker_is_retried_elsewhere_and_marks_drift(models_dir):
+    async def body():
+        batcher, (w0, w1) = setup(models_dir, 2)
+        w0.fail = [NotFound("model digits version 2 is not loaded")]
+        w1.gate.clear()  # busy: the first batch goes to w0 (least outstanding, then name)
+        r = batcher.submit(1, "digits", "2", row(5.0, 2), [], 0, 0)
+        while not w0.batches:
+            await asyncio.sleep(0)
+        w1.gate.set()
+        result = await asyncio.wait_for(r.future, 5)
+        assert result.error is None and first_value(result) == 5.0
+        assert len(w0.batches) == 1 and len(w1.batches) == 1
+        assert KEY in batcher.pool.workers["w0"].drifted
+        assert [w.address for w in batcher.pool.holders(KEY)] == ["w1"]
+        await batcher.close()
+    asyncio.run(body())
+
+
+def test_broken_stream_is_retried_on_another_worker_and_answered_once(models_dir):
+    async def body():
+        batcher, (w0, w1) = setup(models_dir, 2)
+        w0.fail = [Unavailable("model worker w0 disconnected with the batch in flight")]
+        w1.fail = [Unavailable("model worker w1 disconnected with the batch in flight")]
+        results = []
+        session = Session(batcher)
+        session.submit(7, "digits", "2", row(7.0), [], 0, 0)
+        while not results:
+            results += await asyncio.wait_for(session.drain(), 5)
+        [result] = results
+        assert result.error is None and first_value(result) == 7.0
+        assert len(w0.batches) + len(w1.batches) == 3  # two failures, then success
+        await batcher.close()
+    asyncio.run(body())
+
+
+def test_retries_are_bounded(models_dir):
+    async def body():
+        batcher, [link] = setup(models_dir)
+        link.fail = [Unavailable("broken")] * 5
+        r = batcher.submit(1, "digits", "2", row(1.0), [], 0, 0)
+        result = await asyncio.wait_for(r.future, 5)
+        assert isinstance(result.error, Unavailable)
+        assert "no model worker is serving digits version 2" in str(result.error)
+        assert len(link.batches) == 3  # 1 + --max-retries 2
+        await batcher.close()
+    asyncio.run(body())
+
+
+def test_invalid_argument_from_a_worker_goes_to_the_batch_without_retry(models_dir):
+    async def body():
+        batcher, [link] = setup(models_dir)
+        link.fail = [InvalidInput("input 'input': bad values")]
+        r = batcher.submit(1, "digits", "2", row(1.0), [], 0, 0)
+        result = await asyncio.wait_for(r.future, 5)
+        assert isinstance(result.error, InvalidInput) and "bad values" in str(result.error)
+        assert len(link.batches) == 1
+        await batcher.close()
+    asyncio.run(body())
+
+
+def test_closing_a_session_cancels_its_queued_requests(models_dir):
+    async def body():
+        batcher, [link] = setup(models_dir)
+        link.gate.clear()
+        session = Session(batcher)
+        for i in range(1, 7):  # 1 batch runs, the rest wait for a slot or queue
+            session.submit(i, "digits", "2", row(i), [], 0, 0)
+        await asyncio.sleep(0)
+        session.close()
+        results = await asyncio.wait_for(session.drain(), 5)
+        assert sorted(r.request_id for r in results) == [1, 2, 3, 4, 5, 6]
+        assert all(isinstance(r.error, Cancelled) for r in results)
+        assert not session.pending
+        link.gate.set()
+        await asyncio.sleep(0)
+        await batcher.close()
+    asyncio.run(body())
