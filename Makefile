@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 PROTO_SRC := $(shell find protos -name '*.proto' | sort)
 PB := services/pb
 
-.PHONY: install protos protos-check run test bench lint models clean
+.PHONY: install protos protos-check run test test-deps bench lint models clean k8s-validate
 
 install: $(STAMP)
 
@@ -41,8 +41,16 @@ protos-check: protos
 run: $(STAMP)
 	$(VENV)/bin/meshserve up
 
-test: $(STAMP)
+test: $(STAMP) test-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The tests start a real redis-server: install it where we can (Debian, as root).
+test-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing redis-server"; apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+		else echo "make test needs redis-server on the PATH (apt-get install redis-server)"; exit 1; fi; }
 
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
@@ -56,3 +64,25 @@ models: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Renders the kustomize overlays (and every component, through tests/deploy/all-components)
+# with `kubectl kustomize` (or a standalone `kustomize build`), then validates the output with
+# kubernetes-validate --strict against the oldest supported (1.27: native gRPC probes) and the
+# newest known Kubernetes version, and lints sources and output with yamllint.
+K8S_RENDER = $(if $(shell command -v kubectl 2>/dev/null),kubectl kustomize,kustomize build)
+K8S_TARGETS = deploy/k8s/overlays/cpu deploy/k8s/overlays/gpu tests/deploy/all-components
+K8S_MIN_VERSION = 1.27.0
+
+k8s-validate: $(STAMP)
+	@set -e; out=$$(mktemp -d); trap 'rm -rf "$$out"' EXIT; \
+	for t in $(K8S_TARGETS); do \
+		f="$$out/$$(echo $$t | tr / _).yaml"; \
+		$(K8S_RENDER) $$t > "$$f"; \
+		echo "$$t: $$(grep -c '^kind:' "$$f") objects"; \
+		$(VENV)/bin/kubernetes-validate --strict --quiet -k $(K8S_MIN_VERSION) "$$f"; \
+		$(VENV)/bin/kubernetes-validate --strict --quiet "$$f"; \
+	done; \
+	$(VENV)/bin/kubernetes-validate --strict --quiet \
+		deploy/k8s/components/worker-hpa-queue-depth/prometheus-adapter-rules.yaml; \
+	$(VENV)/bin/yamllint --strict -c tests/deploy/yamllint.yaml deploy/k8s tests/deploy "$$out"; \
+	echo "k8s-validate: ok"
