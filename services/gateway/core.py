@@ -21,7 +21,7 @@ from meshserve.common.errors import (
     Unavailable,
 )
 from meshserve.common.repository import ModelConfig, ModelRepository, check_model_name
-from meshserve.gateway.validation import (
+from meshserve.common.validation import (
     InputTensor,
     RequestedOutput,
     resolve_outputs,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from meshserve.common import tensors
+from meshserve.common import tensors, validation
 from meshserve.common.errors import InvalidInput
 from meshserve.common.repository import ModelConfig
 
@@ -59,39 +59,12 @@ def requested_outputs(config: ModelConfig, wanted: Sequence[str]) -> tuple[str, 
 
 
 def validate_inputs(config: ModelConfig, batch: BatchRequest) -> tuple[list[torch.Tensor], int]:
-    """Input tensors in the config's order (read-only views of the bytes) and the row count."""
-    given: dict[str, RawTensor] = {}
-    for t in batch.inputs:
-        if t.name in given:
-            raise InvalidInput(f"input '{t.name}' appears more than once")
-        if config.input(t.name) is None:
-            raise InvalidInput(f"model '{config.name}' has no input '{t.name}' "
-                               f"(inputs: {', '.join(s.name for s in config.inputs)})")
-        given[t.name] = t
-    batched = config.max_batch_size > 0
-    result, rows = [], None
-    for spec in config.inputs:
-        t = given.get(spec.name)
-        if t is None:
-            raise InvalidInput(f"input '{spec.name}' is missing")
-        if t.datatype != spec.datatype:
-            raise InvalidInput(f"input '{spec.name}': datatype {t.datatype}, "
-                               f"expected {spec.datatype}")
-        shape = tuple(t.shape)
-        row_shape = shape[1:] if batched else shape
-        expected = ["-1", *map(str, spec.dims)] if batched else list(map(str, spec.dims))
-        if (batched and not shape) or not spec.matches(row_shape):
-            raise InvalidInput(f"input '{spec.name}': shape {list(shape)}, "
-                               f"expected [{', '.join(expected)}]")
-        n = shape[0] if batched else 1
-        if rows is not None and n != rows:
-            raise InvalidInput(f"input '{spec.name}' has {n} rows, other inputs have {rows}")
-        rows = n
-        result.append(tensors.to_torch(t.name, t.datatype, shape, t.data))
-    if batched and not 1 <= rows <= config.max_batch_size:
-        raise InvalidInput(f"batch of {rows} rows; model '{config.name}' takes 1 to "
-                           f"{config.max_batch_size}")
-    return result, rows
+    """Input tensors in the config's order (read-only views of the bytes) and the row count.
+    The same checks as the gateway's, on the joined batch (common/validation.py)."""
+    rows = validation.validate_inputs(config, batch.inputs)
+    given = {t.name: t for t in batch.inputs}
+    ordered = (given[spec.name] for spec in config.inputs)
+    return [tensors.to_torch(t.name, t.datatype, t.shape, t.data) for t in ordered], rows
 
 
 def postprocess(

@@ -261,12 +261,12 @@ def test_run_batch_validates_and_encodes(tmp_path):
 @pytest.mark.parametrize("inputs, outputs, message", [
     ((RawTensor("x", "FP64", (1, 4), b"\0" * 32),), (), "datatype FP64, expected FP32"),
     ((RawTensor("x", "FP32", (1, 5), b"\0" * 20),), (), r"shape \[1, 5\], expected \[-1, 4\]"),
-    ((RawTensor("x", "FP32", (1, 4), b"\0" * 12),), (), "12 bytes of raw data, expected 16"),
-    ((RawTensor("x", "FP32", (9, 4), b"\0" * 144),), (), "batch of 9 rows"),
-    ((RawTensor("x", "FP32", (0, 4), b""),), (), "batch of 0 rows"),
-    ((), (), "input 'x' is missing"),
-    ((RawTensor("x", "FP32", (1, 4), b"\0" * 16),) * 2, (), "more than once"),
-    ((RawTensor("y", "FP32", (1, 4), b"\0" * 16),), (), "has no input 'y'"),
+    ((RawTensor("x", "FP32", (1, 4), b"\0" * 12),), (), "12 bytes of data, expected 16"),
+    ((RawTensor("x", "FP32", (9, 4), b"\0" * 144),), (), "batch of 9 exceeds max_batch_size 8"),
+    ((RawTensor("x", "FP32", (0, 4), b""),), (), "batch dimension is 0"),
+    ((), (), r"missing input\(s\) x"),
+    ((RawTensor("x", "FP32", (1, 4), b"\0" * 16),) * 2, (), "given more than once"),
+    ((RawTensor("y", "FP32", (1, 4), b"\0" * 16),), (), "unknown input 'y'"),
     ((RawTensor("x", "FP32", (1, 4), b"\0" * 16),), ("nope",), "has no output 'nope'"),
 ])
 def test_bad_batches_are_refused_with_a_clear_message(inputs, outputs, message):

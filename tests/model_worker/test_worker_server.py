@@ -133,7 +133,7 @@ async def test_a_bad_batch_gets_an_error_and_the_stream_keeps_serving(models_dir
         assert results[1].message == "model nope version 1 is not loaded on worker test-worker"
         assert "datatype FP64, expected FP32" in results[3].message
         assert "shape [2, 32], expected [-1, 64]" in results[4].message
-        assert "508 bytes of raw data, expected 512" in results[5].message
+        assert "508 bytes of data, expected 512" in results[5].message
         assert "no output 'nope'" in results[6].message
         np.testing.assert_array_equal(outputs_of(results[7])["logits"],
                                       reference(models_dir, "1", x))

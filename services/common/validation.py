@@ -1,4 +1,5 @@
-"""Validation of inference requests against the model's config. Pure: no grpc, no protobuf.
+"""Validation of inference inputs against the model's config, shared by the gateway (per
+request) and the model worker (per batch). Pure: no grpc, no protobuf.
 
 Every error names the input (or output) and what was expected, and is an InvalidInput
 (INVALID_ARGUMENT): a client's mistake is never INTERNAL.

@@ -6,7 +6,7 @@ import pytest
 
 from meshserve.common.errors import InvalidInput
 from meshserve.common.repository import ModelRepository
-from meshserve.gateway.validation import (
+from meshserve.common.validation import (
     InputTensor,
     RequestedOutput,
     resolve_outputs,
