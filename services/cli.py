@@ -4,6 +4,11 @@
     meshserve gateway|batcher|worker|cache [flags]
                                        one service alone (how Kubernetes runs them)
     meshserve infer MODEL --input ...  one inference against a gateway
+    meshserve submit MODEL --input-file F   queue an async inference (prints the task id)
+    meshserve result TASK_ID [--wait]  an async task's state and result
+    meshserve async-runner [flags]     runs async tasks from Redis (beside the gateways)
+    meshserve route get|set|promote|watch MODEL ...
+                                       traffic management: splits, canaries, shadows, fallback
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ SERVICES = {
     "batcher": "meshserve.batcher.__main__",
     "worker": "meshserve.model_worker.__main__",
     "cache": "meshserve.cache.__main__",
+    "async-runner": "meshserve.tasks.__main__",
 }
 
 
@@ -35,6 +41,18 @@ def main(argv: list[str] | None = None) -> None:
         from meshserve import client
 
         raise SystemExit(client.main(rest))
+    elif command == "submit":
+        from meshserve import client
+
+        raise SystemExit(client.submit_main(rest))
+    elif command == "result":
+        from meshserve import client
+
+        raise SystemExit(client.result_main(rest))
+    elif command == "route":
+        from meshserve import client
+
+        raise SystemExit(client.route_main(rest))
     else:
         print(f"meshserve: unknown command {command!r}\n\n{__doc__.strip()}", file=sys.stderr)
         raise SystemExit(2)

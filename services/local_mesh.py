@@ -1,9 +1,10 @@
 """`meshserve up`: the whole mesh on one machine, each service its own process.
 
-Starts the cache, one model worker per visible GPU (else one CPU worker), the batcher and
-the gateway; waits until each is healthy; loads the repository's models; prints the address
-and a client command; prefixes every log line with its service's name; on Ctrl-C or SIGTERM
-drains the gateway first, then the batcher, then workers and cache.
+Starts the cache, one model worker per visible GPU (else one CPU worker; --workers M for
+M of them, spread over the GPUs), the batcher and the gateway (--gateways N: N processes
+sharing the port with SO_REUSEPORT); waits until each is healthy; loads the repository's
+models; prints the address and a client command; prefixes every log line with its service's
+name; on Ctrl-C or SIGTERM drains the gateways first, then the batcher, then workers and cache.
 """
 
 from __future__ import annotations
@@ -32,16 +33,27 @@ def parse(argv: list[str]) -> argparse.Namespace:
     f.add("--redis-url", str, os.environ.get("REDIS_URL", ""),
           "Redis for the cache; empty: in-memory cache", env="REDIS_URL")
     f.add("--log-level", str, "INFO", "log level of every service")
-    return f.parse(argv)
+    # MESHSERVE_UP_*: MESHSERVE_WORKERS is the batcher's worker list.
+    f.add("--gateways", int, 1, "gateway processes, sharing --port with SO_REUSEPORT",
+          env="MESHSERVE_UP_GATEWAYS")
+    f.add("--workers", int, 0, "model workers (0: one per GPU, else one on the CPU)",
+          env="MESHSERVE_UP_WORKERS")
+    args = f.parse(argv)
+    if args.gateways < 1 or args.workers < 0:
+        f.parser.error("--gateways must be >= 1 and --workers >= 0")
+    return args
 
 
-def devices(spec: str) -> list[str]:
+def devices(spec: str, workers: int = 0) -> list[str]:
+    """One device per worker: the devices of spec, or `workers` of them, round-robin."""
     if spec != "auto":
-        return [d.strip() for d in spec.split(",") if d.strip()]
-    import torch
+        found = [d.strip() for d in spec.split(",") if d.strip()]
+    else:
+        import torch
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        found = [f"cuda:{i}" for i in range(count)] or ["cpu"]
+    return [found[i % len(found)] for i in range(workers)] if workers else found
 
 
 class Child:
@@ -96,7 +108,12 @@ class LocalMesh:
     def __init__(self, model_repository: str, devices: list[str], redis_url: str = "",
                  host: str = "127.0.0.1", port: int = 8001, metrics_port: int = 8002,
                  log_level: str = "INFO", log_file=None, worker_flags: tuple[str, ...] = (),
-                 batcher_flags: tuple[str, ...] = ()):
+                 batcher_flags: tuple[str, ...] = (), gateways: int = 1):
+        """devices: one model worker each; gateways: processes sharing `port` (SO_REUSEPORT).
+        With several workers each loads every model at start (replicas, not one holder)."""
+        if gateways < 1:
+            raise ValueError(f"gateways must be >= 1, got {gateways}")
+        self.gateways = gateways
         self.repo = str(Path(model_repository).resolve())
         self.devices, self.redis_url = devices, redis_url
         self.host, self.port, self.metrics_port = host, port, metrics_port
@@ -122,10 +139,11 @@ class LocalMesh:
         internal = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")
         cache_flags = ("--redis-url", self.redis_url) if self.redis_url else ()
         cache = await self._start("cache", "meshserve.cache", *internal, *cache_flags)
+        replicas = ("--load", "all") if len(self.devices) > 1 else ()
         workers = [
             await self._start(f"worker-{i}", "meshserve.model_worker", *internal,
                               "--device", device, "--model-repository", self.repo,
-                              *self.worker_flags)
+                              *replicas, *self.worker_flags)
             for i, device in enumerate(self.devices)
         ]
         cache_port = (await cache.ready())["grpc"]
@@ -136,29 +154,38 @@ class LocalMesh:
             *self.batcher_flags,
         )
         batcher_port = (await batcher.ready())["grpc"]
-        gateway = await self._start(
-            "gateway", "meshserve.gateway", "--host", self.host, "--port", str(self.port),
-            "--metrics-port", str(self.metrics_port), "--model-repository", self.repo,
-            "--batcher", f"127.0.0.1:{batcher_port}", "--cache", f"127.0.0.1:{cache_port}",
-        )
-        ports = await gateway.ready()
-        self.gateway_address = f"127.0.0.1:{ports['grpc']}"
+        port = self.port
+        for i in range(self.gateways):
+            # The first binds the port (it may be 0); the others join it with SO_REUSEPORT.
+            metrics_port = self.metrics_port if i == 0 or self.metrics_port < 0 else 0
+            gateway = await self._start(
+                "gateway" if self.gateways == 1 else f"gateway-{i}", "meshserve.gateway",
+                "--host", self.host, "--port", str(port), "--metrics-port", str(metrics_port),
+                "--model-repository", self.repo, "--reuse-port", str(self.gateways > 1),
+                "--batcher", f"127.0.0.1:{batcher_port}", "--cache", f"127.0.0.1:{cache_port}",
+            )
+            port = (await gateway.ready())["grpc"]
+        self.gateway_address = f"127.0.0.1:{port}"
         await load_models(self.gateway_address, self.repo)
 
     def exited(self) -> list[asyncio.Task]:
         return [asyncio.ensure_future(c.proc.wait()) for c in self.children]
 
     async def stop(self) -> None:
-        """Gateway first (it drains), then the batcher, then workers and cache."""
+        """Gateways first (they drain), then the batcher, then workers and cache."""
+        def kind(child: Child) -> str:
+            return child.name.split("-")[0]
+
         order = ["gateway", "batcher"]
         for name in order:
-            await asyncio.gather(*(c.stop() for c in self.children if c.name == name))
-        await asyncio.gather(*(c.stop() for c in self.children if c.name not in order))
+            await asyncio.gather(*(c.stop() for c in self.children if kind(c) == name))
+        await asyncio.gather(*(c.stop() for c in self.children if kind(c) not in order))
 
 
 async def run(args: argparse.Namespace) -> int:
-    mesh = LocalMesh(args.model_repository, devices(args.devices), args.redis_url,
-                     args.host, args.port, args.metrics_port, args.log_level)
+    mesh = LocalMesh(args.model_repository, devices(args.devices, args.workers),
+                     args.redis_url, args.host, args.port, args.metrics_port, args.log_level,
+                     gateways=args.gateways)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -169,7 +196,9 @@ async def run(args: argparse.Namespace) -> int:
     await asyncio.wait([up_task, stop_task], return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if up_task.done() and up_task.exception() is None:
-        say(f"meshserve is serving on {args.host}:{args.port} "
+        port = mesh.gateway_address.rsplit(":", 1)[1]
+        gateways = f" ({args.gateways} gateways)" if args.gateways > 1 else ""
+        say(f"meshserve is serving on {args.host}:{port}{gateways} "
             f"(metrics http://{args.host}:{args.metrics_port}/metrics)")
         say("try:  .venv/bin/meshserve infer digits --input-file models/digits/example.json")
         say("stop: Ctrl-C")

@@ -15,11 +15,14 @@ import logging
 
 import grpc
 
+from meshserve.batcher.core import DRAINING
 from meshserve.common import grpcutil
 from meshserve.common.errors import DeadlineExceeded, MeshError, Unavailable
 from meshserve.pb.meshserve.v1 import batcher_pb2, batcher_pb2_grpc, tensor_pb2
 
 log = logging.getLogger(__name__)
+
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 
 
 class _Stream:
@@ -32,6 +35,8 @@ class _Stream:
         self._cancelled: list[int] = []
         self._wake = asyncio.Event()
         self.alive = True
+        # Its batcher refused a request as draining: send nothing new on it.
+        self.draining = False
         self._call = stub.Infer(self._outgoing())
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -85,48 +90,89 @@ class _Stream:
 
 
 class BatcherClient:
+    """target: one address, a gRPC URI (dns:///name:port, ipv4:a:1,b:2: one channel,
+    round_robin), or a comma list of addresses (one channel each). Requests go round-robin
+    over `streams` streams per channel, skipping channels in TRANSIENT_FAILURE."""
+
     def __init__(self, target: str, streams: int = 1):
         if streams < 1:
             raise ValueError(f"streams must be >= 1, got {streams}")
         self.target = target
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: batcher_pb2_grpc.BatcherStub | None = None
-        self._streams: list[_Stream | None] = [None] * streams
+        self.targets = grpcutil.split_targets(target)
+        if not self.targets:
+            raise ValueError("the batcher target is empty")
+        self._channels: list[grpc.aio.Channel] = []
+        self._stubs: list[batcher_pb2_grpc.BatcherStub] = []
+        self._streams: list[_Stream | None] = [None] * (streams * len(self.targets))
+        self._retired: set[_Stream] = set()  # draining: still answering what they hold
         self._next_stream = itertools.count()
+        self._next_unary = itertools.count()
         self._ids = itertools.count(1)
 
     async def start(self) -> None:
-        self._channel = grpcutil.insecure_channel(self.target)
-        self._stub = batcher_pb2_grpc.BatcherStub(self._channel)
+        self._channels = [grpcutil.insecure_channel(t) for t in self.targets]
+        self._stubs = [batcher_pb2_grpc.BatcherStub(c) for c in self._channels]
 
     async def close(self) -> None:
         for i, stream in enumerate(self._streams):
             if stream is not None:
                 await stream.close()
             self._streams[i] = None
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+        for stream in self._retired:
+            await stream.close()
+        self._retired.clear()
+        for channel in self._channels:
+            await channel.close()
+        self._channels, self._stubs = [], []
+
+    def _usable(self, channel_index: int) -> bool:
+        state = self._channels[channel_index].get_state(try_to_connect=True)
+        return state != grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
     def _stream(self) -> _Stream:
-        if self._stub is None:
+        if not self._stubs:
             raise Unavailable("the batcher client is not started")
-        i = next(self._next_stream) % len(self._streams)
+        n = len(self._streams)
+        start = next(self._next_stream)
+        i = start % n
+        if len(self._channels) > 1:
+            # The next stream whose batcher is not known to be down (else the next one).
+            for k in range(n):
+                j = (start + k) % n
+                if self._usable(j % len(self._channels)):
+                    i = j
+                    break
         stream = self._streams[i]
-        if stream is None or not stream.alive:
-            stream = self._streams[i] = _Stream(self._stub, self.target)
+        if stream is None or not stream.alive or stream.draining:
+            if stream is not None and stream.alive:
+                self._retired.add(stream)
+            self._retired = {s for s in self._retired if s.alive}
+            c = i % len(self._channels)
+            stream = self._streams[i] = _Stream(self._stubs[c], self.targets[c])
         return stream
 
     async def infer(self, model: str, version: str, inputs: list[tensor_pb2.Tensor],
                     outputs: list[str], priority: int = 0,
                     timeout_s: float | None = None) -> batcher_pb2.InferResult:
-        """One request through the shared stream; raises the domain error of its result."""
-        request_id = next(self._ids)
+        """One request through a shared stream; raises the domain error of its result.
+        A request a draining batcher refused (never queued) goes out again on another
+        stream, which the channel opens to another batcher."""
         request = batcher_pb2.InferRequest(
-            request_id=request_id, model=model, version=version, inputs=inputs,
-            outputs=outputs, priority=priority,
+            model=model, version=version, inputs=inputs, outputs=outputs, priority=priority,
             timeout_us=int(timeout_s * 1e6) if timeout_s else 0,
         )
+        for _ in range(len(self._streams) + 1):
+            result, stream = await self._infer_once(request, timeout_s)
+            if result.code != _UNAVAILABLE or not result.message.startswith(DRAINING):
+                break
+            stream.draining = True
+        if result.code != 0:
+            raise grpcutil.error_from_code(result.code, result.message)
+        return result
+
+    async def _infer_once(self, request: batcher_pb2.InferRequest, timeout_s: float | None
+                          ) -> tuple[batcher_pb2.InferResult, _Stream]:
+        request_id = request.request_id = next(self._ids)
         stream = self._stream()
         future = asyncio.get_running_loop().create_future()
         stream.send(request, future)
@@ -143,17 +189,23 @@ class BatcherClient:
         except asyncio.CancelledError:
             stream.cancel(request_id)
             raise
-        if result.code != 0:
-            raise grpcutil.error_from_code(result.code, result.message)
-        return result
+        return result, stream
 
-    async def _unary(self, method: str, request):
-        if self._stub is None:
+    async def _unary(self, method: str, request, channel_index: int | None = None):
+        if not self._stubs:
             raise Unavailable("the batcher client is not started")
+        c = next(self._next_unary) if channel_index is None else channel_index
+        c %= len(self._stubs)
         try:
-            return await getattr(self._stub, method)(request)
+            return await getattr(self._stubs[c], method)(request)
         except grpc.aio.AioRpcError as e:
-            raise grpcutil.error_from_rpc(e, f"the batcher at {self.target}") from None
+            raise grpcutil.error_from_rpc(e, f"the batcher at {self.targets[c]}") from None
+
+    async def _everywhere(self, method: str, request):
+        """Every batcher of a comma list must know (load, unload); returns the first answer."""
+        answers = await asyncio.gather(*(self._unary(method, request, c)
+                                         for c in range(len(self._stubs))))
+        return answers[0]
 
     async def statistics(self, model: str = "", version: str = "") -> batcher_pb2.StatisticsResponse:
         return await self._unary(
@@ -161,12 +213,12 @@ class BatcherClient:
 
     async def load_model(self, model: str, versions: list[str] | None = None
                          ) -> batcher_pb2.ModelStatesResponse:
-        return await self._unary(
+        return await self._everywhere(
             "LoadModel", batcher_pb2.LoadModelRequest(model=model, versions=versions or []))
 
     async def unload_model(self, model: str, versions: list[str] | None = None
                            ) -> batcher_pb2.ModelStatesResponse:
-        return await self._unary(
+        return await self._everywhere(
             "UnloadModel", batcher_pb2.UnloadModelRequest(model=model, versions=versions or []))
 
     async def model_states(self, model: str = "") -> batcher_pb2.ModelStatesResponse:

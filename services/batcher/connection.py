@@ -37,6 +37,9 @@ class WorkerConnection:
         self._pending: dict[int, asyncio.Future] = {}
         self._task: asyncio.Task | None = None
         self._closed = False
+        # The worker reported draining; once nothing is in flight we end the Execute stream.
+        self._draining = False
+        self._ended = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -54,6 +57,8 @@ class WorkerConnection:
         send = self._send
         if send is None:
             raise Unavailable(f"model worker {self.address} is not connected")
+        if self._ended:
+            raise Unavailable(f"model worker {self.address} is draining")
         future = asyncio.get_running_loop().create_future()
         self._pending[batch.batch_id] = future
         send.put_nowait(convert.batch_to_pb(batch))
@@ -61,6 +66,15 @@ class WorkerConnection:
             return await future
         finally:
             self._pending.pop(batch.batch_id, None)
+            self._end_if_drained()
+
+    def _end_if_drained(self) -> None:
+        """A draining worker with nothing of ours in flight: half-close Execute, so the
+        worker's graceful stop completes as soon as its last batch is answered."""
+        if self._draining and not self._ended and not self._pending and self._send is not None:
+            self._ended = True
+            self._send.put_nowait(None)
+            log.info("model worker %s is draining; ending its stream", self.address)
 
     async def load(self, model: str, version: str) -> None:
         stub = self._require_stub()
@@ -100,7 +114,9 @@ class WorkerConnection:
                 send: asyncio.Queue = asyncio.Queue()
                 call = stub.Execute(_coalesce(send))
                 self._stub, self._send = stub, send
+                self._draining, self._ended = first.draining, False
                 self.pool.update(self.address, convert.report_from_pb(first), connected=True)
+                self._end_if_drained()
                 log.info("connected to model worker %s (%s)", self.address, first.device)
                 backoff_s, failures = BACKOFF_MIN_S, 0
                 tasks = [asyncio.ensure_future(self._read(call)),
@@ -109,7 +125,10 @@ class WorkerConnection:
                 for t in done:
                     if not t.cancelled() and t.exception() is not None:
                         raise t.exception()
-                log.warning("model worker %s closed its stream", self.address)
+                if self._ended:
+                    log.info("model worker %s drained", self.address)
+                else:
+                    log.warning("model worker %s closed its stream", self.address)
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as e:
@@ -148,16 +167,28 @@ class WorkerConnection:
 
     async def _watch(self, watch) -> None:
         while (status := await watch.read()) is not grpc.aio.EOF:
+            self._draining = status.draining
             self.pool.update(self.address, convert.report_from_pb(status), connected=True)
+            self._end_if_drained()
 
 
 async def _coalesce(send: asyncio.Queue):
-    """Execute's request stream: every batch pending when the stream is free, in one message."""
+    """Execute's request stream: every batch pending when the stream is free, in one message;
+    a None in the queue ends the stream (after the batches queued before it)."""
     while True:
-        batches = [await send.get()]
-        while not send.empty():
-            batches.append(send.get_nowait())
+        batch = await send.get()
+        if batch is None:
+            return
+        batches, end = [batch], False
+        while not send.empty() and not end:
+            batch = send.get_nowait()
+            if batch is None:
+                end = True
+            else:
+                batches.append(batch)
         yield worker_pb2.ExecuteRequest(batches=batches)
+        if end:
+            return
 
 
 class WorkerDirectory:

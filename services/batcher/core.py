@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 LOAD_RETRY_AFTER_S = 5.0
 LOAD_READY_WAIT_S = 30.0
+# The start of the message of requests refused by a draining batcher (never queued, so a
+# client may send them again elsewhere).
+DRAINING = "the batcher is draining"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,13 +85,18 @@ class Batcher:
         self._loads: dict[Key, asyncio.Task] = {}
         self._load_errors: dict[Key, tuple[float, str]] = {}
         self.pool.listeners.append(self._on_pool_change)
+        # SIGTERM: new requests are refused (the client sends them to another batcher);
+        # queued and running ones are finished.
+        self.draining = False
 
     # ------------------------------------------------------------------ intake
 
     def submit(self, request_id: int, model: str, version: str, inputs: list[RawTensor],
                outputs: list[str], priority: int, timeout_us: int) -> Request:
         """Validates cheaply and queues a request; its future gets an InferResult.
-        Raises NotFound, InvalidInput or Overloaded at once."""
+        Raises NotFound, InvalidInput or Overloaded at once (Unavailable when draining)."""
+        if self.draining:
+            raise Unavailable(f"{DRAINING}: send the request to another batcher")
         mq = self._queue(model, version)
         q, config = mq.queue, mq.config
         ordered = _ordered_inputs(config, inputs)

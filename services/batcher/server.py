@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
+from meshserve.batcher import routing_store
 from meshserve.batcher.config import Settings
 from meshserve.batcher.connection import WorkerDirectory
 from meshserve.batcher.core import Batcher, BatcherOptions
@@ -85,6 +86,7 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
     directory = WorkerDirectory(settings.workers, pool, settings.max_in_flight_per_worker)
     server, port, health = new_server(f"{settings.host}:{settings.port}", [SERVICE_NAME])
     batcher_pb2_grpc.add_BatcherServicer_to_server(BatcherServicer(batcher), server)
+    routing_store.attach(server)  # meshserve.v1.RoutingStore for gateways without Redis
     runtime = Runtime(batcher, pool, directory, health, registry)
     await server.start()
     await set_serving(health, [SERVICE_NAME], False)
@@ -101,6 +103,9 @@ async def serve(settings: Settings) -> None:
     log.info("batcher serving on %s:%d with workers %s", settings.host, port,
              ", ".join(settings.workers) or "(none)")
     await wait_for_signal()
+    log.info("draining: refusing new requests, finishing queued ones for up to %.1fs",
+             settings.grace_s)
     await set_serving(runtime.health, [SERVICE_NAME], False)
+    runtime.batcher.draining = True
     await server.stop(settings.grace_s)
     await runtime.close()

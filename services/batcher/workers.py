@@ -38,6 +38,8 @@ class WorkerReport:
     memory_limit_bytes: int
     max_models: int
     in_flight: int
+    # Shutting down: it finishes what it holds and gets no new batch or load.
+    draining: bool = False
 
 
 class WorkerLink(Protocol):
@@ -64,8 +66,13 @@ class Worker:
     def address(self) -> str:
         return self.link.address
 
+    @property
+    def draining(self) -> bool:
+        return self.report is not None and self.report.draining
+
     def state_of(self, key: Key) -> str | None:
-        if not self.connected:
+        """READY, LOADING, or None (not held, disconnected or draining)."""
+        if not self.connected or self.draining:
             return None
         if self.report is not None and key not in self.drifted:
             for m in self.report.models:
@@ -152,7 +159,8 @@ class WorkerPool:
 
     def pick_for_load(self, key: Key) -> Worker | None:
         """The connected worker with the most free memory, then the fewest models."""
-        candidates = [w for w in self.connected() if w.state_of(key) is None]
+        candidates = [w for w in self.connected()
+                      if not w.draining and w.state_of(key) is None]
         if not candidates:
             return None
         return max(candidates, key=lambda w: (w.free_memory_bytes(), -w.model_count(), w.address))

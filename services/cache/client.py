@@ -1,7 +1,8 @@
 """The gateway's client of the cache service.
 
-One LookupStream and one StoreStream per client, each shared by every coroutine:
-whatever is pending when the stream is free goes out as one message, and answers are
+One LookupStream and one StoreStream per cache address (keys sharded over addresses by
+digest), each shared by every coroutine: whatever is pending when the stream is free goes
+out as one message, and answers are
 routed back by message id and position. The cache is optional, so lookup() never
 raises (a timeout, a broken stream or an unreachable service give misses with
 generation 0) and store() is fire-and-forget; both reconnect in the background.
@@ -22,7 +23,7 @@ import grpc
 
 from meshserve.cache.keys import DIGEST_BYTES
 from meshserve.common.errors import Unavailable
-from meshserve.common.grpcutil import error_from_rpc, insecure_channel
+from meshserve.common.grpcutil import error_from_rpc, insecure_channel, split_targets
 from meshserve.pb.meshserve.v1 import cache_pb2, cache_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -128,73 +129,23 @@ class _Link:
         return answered
 
 
-class CacheClient:
-    """lookup() coalesced over one LookupStream; store() over one StoreStream."""
+class _Shard:
+    """The streams to one cache address: one LookupStream and one StoreStream."""
 
-    def __init__(self, target: str, timeout_s: float = 0.05, admin_timeout_s: float = 10.0):
-        if timeout_s <= 0:
-            raise ValueError("timeout_s must be positive")
+    def __init__(self, target: str, counters: ClientCounters):
         self.target = target
-        self.timeout_s = timeout_s
-        self.admin_timeout_s = admin_timeout_s
-        self.counters = ClientCounters()
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: cache_pb2_grpc.CacheStub | None = None
-        self._tasks: list[asyncio.Task] = []
+        self.counters = counters
+        self.channel = insecure_channel(target)
+        self.stub = cache_pb2_grpc.CacheStub(self.channel)
         # id -> [(future, number of keys)] in message order
         self._lookups_in_flight: dict[int, list[tuple[asyncio.Future, int]]] = {}
         self._stores_in_flight: dict[int, int] = {}
-        self._lookup_link: _Link | None = None
-        self._store_link: _Link | None = None
-
-    async def start(self) -> None:
-        self._channel = insecure_channel(self.target)
-        self._stub = cache_pb2_grpc.CacheStub(self._channel)
-        self._lookup_link = _Link(
-            "lookup", lambda: self._stub.LookupStream(), self._lookup_message,
+        self.lookup_link = _Link(
+            "lookup", lambda: self.stub.LookupStream(), self._lookup_message,
             self._lookup_answered, self._lookups_lost, size=lambda item: len(item[0]))
-        self._store_link = _Link(
-            "store", lambda: self._stub.StoreStream(), self._store_message,
+        self.store_link = _Link(
+            "store", lambda: self.stub.StoreStream(), self._store_message,
             self._store_answered, self._stores_lost, size=len)
-        self._tasks = [asyncio.create_task(self._lookup_link.run()),
-                       asyncio.create_task(self._store_link.run())]
-        await asyncio.sleep(0)  # let both streams open
-
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
-
-    # lookups
-    async def lookup(self, keys: Sequence[cache_pb2.CacheKey]) -> list[cache_pb2.LookupResult]:
-        """One LookupResult per key, in order. Never raises (except on cancellation)."""
-        keys = list(keys)
-        self.counters.lookups += len(keys)
-        valid = [i for i, k in enumerate(keys) if _valid(k)]
-        results = [MISS] * len(keys)
-        self.counters.failed_keys += len(keys) - len(valid)
-        if not valid:
-            return results
-        future = asyncio.get_running_loop().create_future()
-        if self._lookup_link is None or not self._lookup_link.submit(
-                ([keys[i] for i in valid], future)):
-            self.counters.failed_keys += len(valid)
-            return results
-        try:
-            answered = await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - a timeout or a lost stream is a miss
-            self.counters.failed_keys += len(valid)
-            return results
-        for i, result in zip(valid, answered, strict=True):
-            results[i] = result
-        self.counters.hits += sum(r.hit for r in answered)
-        return results
 
     def _lookup_message(self, batch: list, message_id: int) -> cache_pb2.LookupRequest:
         self._lookups_in_flight[message_id] = [(future, len(keys)) for keys, future in batch]
@@ -233,16 +184,6 @@ class CacheClient:
                 future.set_exception(Unavailable("cache stream lost"))
                 future.exception()  # retrieved: a caller that timed out is gone
 
-    # stores
-    def store(self, entries: Sequence[cache_pb2.StoreEntry]) -> None:
-        """Queues entries for the StoreStream; dropped (counted) when it is down."""
-        entries = [e for e in entries if _valid(e.key)]
-        link = self._store_link
-        if (link is None or not entries
-                or link.pending_size() + len(entries) > MAX_PENDING_STORE_ENTRIES
-                or not link.submit(entries)):
-            self.counters.store_entries_dropped += len(entries)
-
     def _store_message(self, batch: list, message_id: int) -> cache_pb2.StoreRequest:
         request = cache_pb2.StoreRequest(id=message_id)
         for entries in batch:
@@ -262,19 +203,121 @@ class CacheClient:
         self._stores_in_flight.clear()
         self.counters.store_entries_dropped += lost
 
+
+class CacheClient:
+    """lookup() coalesced over one LookupStream; store() over one StoreStream.
+
+    target: one address, a gRPC URI (dns:///name:port: one channel, round_robin), or a
+    comma list of addresses: then keys are sharded over them by digest, so a key's
+    lookups and stores (and its generation) always meet the same cache replica."""
+
+    def __init__(self, target: str, timeout_s: float = 0.05, admin_timeout_s: float = 10.0):
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        self.target = target
+        self.targets = split_targets(target)
+        if not self.targets:
+            raise ValueError("the cache target is empty")
+        self.timeout_s = timeout_s
+        self.admin_timeout_s = admin_timeout_s
+        self.counters = ClientCounters()
+        self._shards: list[_Shard] = []
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        self._shards = [_Shard(t, self.counters) for t in self.targets]
+        self._tasks = [asyncio.create_task(link.run()) for shard in self._shards
+                       for link in (shard.lookup_link, shard.store_link)]
+        await asyncio.sleep(0)  # let the streams open
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for shard in self._shards:
+            await shard.channel.close()
+        self._shards = []
+
+    def _shard(self, key: cache_pb2.CacheKey) -> _Shard | None:
+        if not self._shards:
+            return None
+        return self._shards[int.from_bytes(key.digest[:8], "big") % len(self._shards)]
+
+    # lookups
+    async def lookup(self, keys: Sequence[cache_pb2.CacheKey]) -> list[cache_pb2.LookupResult]:
+        """One LookupResult per key, in order. Never raises (except on cancellation)."""
+        keys = list(keys)
+        self.counters.lookups += len(keys)
+        valid = [i for i, k in enumerate(keys) if _valid(k)]
+        results = [MISS] * len(keys)
+        self.counters.failed_keys += len(keys) - len(valid)
+        if not valid:
+            return results
+        by_shard: dict[int, list[int]] = {}
+        for i in valid:
+            shard = self._shard(keys[i])
+            by_shard.setdefault(id(shard), []).append(i)
+        answers = await asyncio.gather(*(
+            self._lookup_on(self._shard(keys[positions[0]]), [keys[i] for i in positions])
+            for positions in by_shard.values()))
+        for positions, answered in zip(by_shard.values(), answers, strict=True):
+            for i, result in zip(positions, answered, strict=True):
+                results[i] = result
+        return results
+
+    async def _lookup_on(self, shard: _Shard | None, keys: list[cache_pb2.CacheKey]
+                         ) -> list[cache_pb2.LookupResult]:
+        misses = [MISS] * len(keys)
+        future = asyncio.get_running_loop().create_future()
+        if shard is None or not shard.lookup_link.submit((keys, future)):
+            self.counters.failed_keys += len(keys)
+            return misses
+        try:
+            answered = await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a timeout or a lost stream is a miss
+            self.counters.failed_keys += len(keys)
+            return misses
+        self.counters.hits += sum(r.hit for r in answered)
+        return list(answered)
+
+    # stores
+    def store(self, entries: Sequence[cache_pb2.StoreEntry]) -> None:
+        """Queues entries for the StoreStream; dropped (counted) when it is down."""
+        entries = [e for e in entries if _valid(e.key)]
+        by_shard: dict[int, tuple[_Shard | None, list]] = {}
+        for e in entries:
+            shard = self._shard(e.key)
+            by_shard.setdefault(id(shard), (shard, []))[1].append(e)
+        for shard, group in by_shard.values():
+            link = shard.store_link if shard is not None else None
+            if (link is None
+                    or link.pending_size() + len(group) > MAX_PENDING_STORE_ENTRIES
+                    or not link.submit(group)):
+                self.counters.store_entries_dropped += len(group)
+
     # admin (unary)
     async def invalidate(self, model: str, version: str | None = None) -> int:
-        """Entries removed. Raises Unavailable (or InvalidInput) when it could not be done."""
+        """Entries removed (over every address). Raises Unavailable (or InvalidInput) when
+        it could not be done."""
         request = cache_pb2.InvalidateRequest(model=model, version=version or "")
-        return (await self._unary(self._stub.Invalidate, request)).removed
+        if not self._shards:
+            raise Unavailable("CacheClient is not started")
+        answers = await asyncio.gather(*(self._unary(s, s.stub.Invalidate, request)
+                                         for s in self._shards))
+        return sum(a.removed for a in answers)
 
     async def stats(self) -> cache_pb2.StatsResponse:
-        return await self._unary(self._stub.Stats, cache_pb2.StatsRequest())
-
-    async def _unary(self, method, request):
-        if self._stub is None:
+        """The statistics of the first address."""
+        if not self._shards:
             raise Unavailable("CacheClient is not started")
+        shard = self._shards[0]
+        return await self._unary(shard, shard.stub.Stats, cache_pb2.StatsRequest())
+
+    async def _unary(self, shard: _Shard, method, request):
         try:
             return await method(request, timeout=self.admin_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, f"cache at {self.target}") from None
+            raise error_from_rpc(exc, f"cache at {shard.target}") from None

@@ -103,29 +103,62 @@ def channel_options(max_message_bytes: int = 64 * MiB) -> list[tuple[str, object
     ]
 
 
+def split_targets(target: str) -> list[str]:
+    """A client's target flag as a list of channel targets: "a:1,b:2" -> ["a:1", "b:2"]
+    (one channel each); a gRPC URI ("dns:///name:port", "ipv4:a:1,b:2") stays one
+    target, balanced by the channel's round_robin policy."""
+    target = target.strip()
+    if target.split(":", 1)[0] in _URI_SCHEMES:
+        return [target]
+    return [t.strip() for t in target.split(",") if t.strip()]
+
+
+_URI_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds")
+
+
 def insecure_channel(target: str, max_message_bytes: int = 64 * MiB) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
 
 
-def server_options(max_message_bytes: int = 64 * MiB) -> list[tuple[str, object]]:
+def server_options(max_message_bytes: int = 64 * MiB,
+                   reuse_port: bool = False) -> list[tuple[str, object]]:
+    """reuse_port: SO_REUSEPORT, so several processes can share one listening port (the
+    kernel spreads new connections over them); off by default, so a taken port fails."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.max_ping_strikes", 0),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
+
+
+@functools.cache
+def _reflection_pool():
+    """Our descriptor pool (meshserve.pb.POOL) with the health and reflection protos added,
+    so reflection describes every service a server exposes."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    from meshserve.pb import POOL
+
+    for module in (health_pb2, reflection_pb2):
+        try:
+            POOL.FindFileByName(module.DESCRIPTOR.name)
+        except KeyError:
+            POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    return POOL
 
 
 def new_server(
     address: str,
     service_names: Iterable[str],
     max_message_bytes: int = 64 * MiB,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """An aio server with grpc.health.v1 (NOT_SERVING until the caller says so) and
     reflection for the given services. Returns (server, bound port, health servicer)."""
-    server = grpc.aio.server(options=server_options(max_message_bytes))
+    server = grpc.aio.server(options=server_options(max_message_bytes, reuse_port))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
@@ -133,6 +166,7 @@ def new_server(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME],
         server,
+        pool=_reflection_pool(),
     )
     port = server.add_insecure_port(address)
     if port == 0:

@@ -104,6 +104,17 @@ class VersionPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    """A default traffic policy (a runtime policy set through meshserve.v1.Routing wins)."""
+
+    split: tuple[tuple[str, float], ...] = ()  # (version, weight)
+    shadow: tuple[tuple[str, float], ...] = ()  # (version, percent mirrored)
+    fallback: tuple[str, ...] = ()  # "model" or "model:version", tried in order
+    fallback_queue_us: int = 0
+    max_shadow_in_flight: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     name: str
     format: str
@@ -118,6 +129,7 @@ class ModelConfig:
     default_version: str | None = None
     cuda_graphs: bool = True
     model_filename: str = "model.pt"
+    routing: RoutingConfig | None = None
 
     @property
     def platform(self) -> str:
@@ -225,6 +237,7 @@ def parse_config(data: Any, where: str, expected_name: str | None = None) -> Mod
     f.check_keys({
         "name", "format", "max_batch_size", "inputs", "outputs", "batching", "cache", "warmup",
         "classifier", "version_policy", "default_version", "cuda_graphs", "model_filename",
+        "routing",
     })
     name = f.get("name", str, expected_name, required=expected_name is None)
     if expected_name is not None and name != expected_name:
@@ -364,6 +377,8 @@ def parse_config(data: Any, where: str, expected_name: str | None = None) -> Mod
     if "/" in filename or filename in ("", ".", ".."):
         f.fail("model_filename", f"must be a plain file name, got {filename!r}")
 
+    routing = _routing(f.sub("routing"))
+
     return ModelConfig(
         name=name,
         format=fmt,
@@ -378,6 +393,43 @@ def parse_config(data: Any, where: str, expected_name: str | None = None) -> Mod
         default_version=default_version,
         cuda_graphs=f.get("cuda_graphs", bool, True),
         model_filename=filename,
+        routing=routing,
+    )
+
+
+def _routing(r: _Fields | None) -> RoutingConfig | None:
+    """`routing`: {"split": {"1": 90, "2": 10}, "shadow": {"3": 20}, "fallback": ["m:1", "m2"],
+    "fallback_queue_us": N, "max_shadow_in_flight": N}. Versions are checked when served."""
+    if r is None:
+        return None
+    r.check_keys({"split", "shadow", "fallback", "fallback_queue_us", "max_shadow_in_flight"})
+
+    def weights(key: str, maximum: float | None) -> tuple[tuple[str, float], ...]:
+        table = r.get(key, dict, {})
+        out = []
+        for version, weight in table.items():
+            if not version.isdigit() or int(version) < 1:
+                r.fail(key, f"{version!r} is not a version")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+                r.fail(key, f"version {version}: weight must be a number >= 0, got {weight!r}")
+            if maximum is not None and not 0 < weight <= maximum:
+                r.fail(key, f"version {version}: percentage must be in (0, 100], got {weight!r}")
+            out.append((str(int(version)), float(weight)))
+        return tuple(out)
+
+    split = weights("split", None)
+    if split and sum(w for _v, w in split) <= 0:
+        r.fail("split", "the weights sum to 0")
+    fallback = r.get("fallback", list, [])
+    for target in fallback:
+        if not isinstance(target, str) or not target or target.count(":") > 1:
+            r.fail("fallback", f"entries are \"model\" or \"model:version\", got {target!r}")
+    return RoutingConfig(
+        split=split,
+        shadow=weights("shadow", 100.0),
+        fallback=tuple(fallback),
+        fallback_queue_us=r.int("fallback_queue_us", 0, minimum=0),
+        max_shadow_in_flight=r.int("max_shadow_in_flight", 0, minimum=0),
     )
 
 

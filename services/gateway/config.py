@@ -24,6 +24,16 @@ class Settings:
     # Requests handled at once on one ModelStreamInfer stream.
     max_stream_concurrency: int = 1024
     grace_s: float = 5.0
+    # SO_REUSEPORT: several gateway processes share one port (the kernel spreads connections).
+    reuse_port: bool = False
+    # Async inference (meshserve.v1.AsyncInference): durable on Redis Streams with a
+    # Redis URL, else an in-process queue (not durable).
+    redis_url: str = ""
+    async_runners: int = 1  # runner coroutines in this gateway (0: submit and read only)
+    async_max_queue: int = 100_000
+    async_result_ttl_s: float = 3600.0
+    async_task_ttl_s: float = 3600.0
+    async_claim_idle_s: float = 30.0
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
@@ -34,6 +44,15 @@ class Settings:
             raise ConfigError(f"--cache-timeout-ms: must be >= 1, got {self.cache_timeout_ms}")
         if not self.batcher:
             raise ConfigError("--batcher: the batcher's address is required")
+        if self.async_runners < 0:
+            raise ConfigError(f"--async-runners: must be >= 0, got {self.async_runners}")
+        self.queue_settings()
+
+    def queue_settings(self):
+        from meshserve.tasks.records import QueueSettings
+
+        return QueueSettings(self.async_max_queue, self.async_task_ttl_s,
+                             self.async_result_ttl_s, self.async_claim_idle_s)
 
 
 def from_args(argv: list[str] | None = None) -> Settings:
@@ -45,12 +64,28 @@ def from_args(argv: list[str] | None = None) -> Settings:
     f.add("--port-file", str, None, "write the bound ports here as JSON once serving")
     f.add("--log-level", str, d.log_level, "log level")
     f.add("--model-repository", str, d.model_repository, "model repository folder")
-    f.add("--batcher", str, d.batcher, "batcher address (host:port or dns:///name:port)")
-    f.add("--cache", str, d.cache, "cache service address; empty: no cache")
+    f.add("--batcher", str, d.batcher,
+          "batcher: host:port, a comma list of them, or dns:///name:port (balanced)")
+    f.add("--cache", str, d.cache,
+          "cache service: host:port, a comma list (sharded by key) or dns:///name:port; "
+          "empty: no cache")
     f.add("--cache-timeout-ms", int, d.cache_timeout_ms, "cache lookup budget per request")
     f.add("--max-message-mb", int, d.max_message_mb, "largest request or response message")
     f.add("--max-stream-concurrency", int, d.max_stream_concurrency,
           "requests in progress at once on one ModelStreamInfer stream")
     f.add("--grace-s", float, d.grace_s, "drain time on SIGTERM")
+    f.add_bool("--reuse-port", d.reuse_port,
+               "bind with SO_REUSEPORT, so several gateways share --port")
+    f.add("--redis-url", str, f.env.get("REDIS_URL", d.redis_url),
+          "Redis for durable async tasks (also env REDIS_URL); empty: in-process queue")
+    f.add("--async-runners", int, d.async_runners,
+          "async task runners in this gateway (0: none; tasks run elsewhere)")
+    f.add("--async-max-queue", int, d.async_max_queue, "async tasks waiting or running, at most")
+    f.add("--async-result-ttl-s", float, d.async_result_ttl_s,
+          "how long a finished async task's outcome is kept")
+    f.add("--async-task-ttl-s", float, d.async_task_ttl_s,
+          "an async task not started within this is EXPIRED")
+    f.add("--async-claim-idle-s", float, d.async_claim_idle_s,
+          "claim an async task whose runner has been silent this long")
     a = f.parse(argv)
     return Settings(**{k: getattr(a, k) for k in Settings.__dataclass_fields__})

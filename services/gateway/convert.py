@@ -9,7 +9,7 @@ import numpy as np
 from meshserve.common.datatypes import DATATYPES, datatype
 from meshserve.common.errors import InvalidInput
 from meshserve.common.repository import ModelConfig, TensorSpec
-from meshserve.gateway.validation import InputTensor, RequestedOutput
+from meshserve.common.validation import InputTensor, RequestedOutput
 from meshserve.pb.inference import grpc_service_pb2 as pb
 from meshserve.pb.inference import model_config_pb2 as mc
 from meshserve.pb.meshserve.v1 import batcher_pb2
@@ -94,6 +94,7 @@ def infer_response(
     cache_hit: bool,
     queue_ns: int = 0,
     compute_ns: int = 0,
+    served_model: str = "",  # the model that answered (a fallback's), "": the one asked
 ) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(
         model_name=request.model_name, model_version=version, id=request.id
@@ -104,6 +105,7 @@ def infer_response(
     response.parameters["cache_hit"].bool_param = cache_hit
     response.parameters["queue_us"].int64_param = queue_ns // 1000
     response.parameters["compute_us"].int64_param = compute_ns // 1000
+    response.parameters["served_by"].string_param = f"{served_model or request.model_name}:{version}"
     return response
 
 

@@ -27,6 +27,7 @@ from meshserve.common.validation import (
     resolve_outputs,
     validate_inputs,
 )
+from meshserve.gateway.routing import LoadTracker
 from meshserve.pb.meshserve.v1 import batcher_pb2, cache_pb2, tensor_pb2
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class InferCall:
     priority: int = 0
     timeout_s: float | None = None  # the shorter of the gRPC deadline and the `timeout` parameter
     use_cache: bool = True
+    route_key: str = ""  # sticky routing: metadata x-route-key, else the request id
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,7 @@ class InferOutcome:
     cache_hit: bool
     queue_ns: int = 0
     compute_ns: int = 0
+    model: str = ""  # the model that served it (a fallback may be another model)
 
 
 @dataclass(slots=True)
@@ -123,10 +126,24 @@ class Gateway:
         self.cache = cache
         self.cache_timeout_s = cache_timeout_s
         self.cache_counts: dict[tuple[str, str], CacheCounts] = defaultdict(CacheCounts)
+        self.loads = LoadTracker()  # EWMA queue/latency per version, from batcher results
+        self.router = None  # a gateway.traffic.Router once routing is attached
 
     # ------------------------------------------------------------------ inference
 
     async def infer(self, call: InferCall) -> InferOutcome:
+        """Through the model's routing policy if it has one (an explicit version bypasses it)."""
+        if self.router is not None and not call.version:
+            policy = self.router.policies.get(call.model)
+            if policy is not None:
+                return await self.router.infer(call, policy)
+        return await self.infer_direct(call)
+
+    def target_name(self, model: str) -> str:
+        """An alias's current target model (for metadata calls); any other name unchanged."""
+        return self.router.alias_target(model) if self.router is not None else model
+
+    async def infer_direct(self, call: InferCall) -> InferOutcome:
         config, version = self.catalog.resolve(call.model, call.version)
         rows = validate_inputs(config, call.inputs)
         output_names = resolve_outputs(config, call.outputs)
@@ -161,7 +178,8 @@ class Gateway:
                     counts.hit_requests += 1
                     counts.hit_rows += rows
                     counts.hit_ns += elapsed
-                    return InferOutcome(version, [cached[n] for n in output_names], cache_hit=True)
+                    return InferOutcome(version, [cached[n] for n in output_names], cache_hit=True,
+                                        model=config.name)
             counts.miss_requests += 1
             counts.miss_ns += elapsed
 
@@ -180,7 +198,9 @@ class Gateway:
             value = cache_pb2.CachedOutputs(outputs=outputs).SerializeToString()
             self.cache.store([cache_pb2.StoreEntry(
                 key=cache_key, value=value, generation=generation, ttl_s=config.cache.ttl_s)])
-        return InferOutcome(version, outputs, False, result.queue_ns, result.compute_ns)
+        self.loads.observe(config.name, version, result.queue_ns, result.compute_ns)
+        return InferOutcome(version, outputs, False, result.queue_ns, result.compute_ns,
+                            model=config.name)
 
     # ----------------------------------------------------------------- management
 

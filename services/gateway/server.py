@@ -13,14 +13,18 @@ from meshserve.common import grpcutil, metrics
 from meshserve.common.grpcutil import MiB
 from meshserve.common.repository import ModelRepository
 from meshserve.common.settings import write_port_file
+from meshserve.gateway import routing_servicer
 from meshserve.gateway.config import Settings
 from meshserve.gateway.core import Gateway
 from meshserve.gateway.servicer import GatewayMetrics, InferenceServicer
 from meshserve.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from meshserve.tasks import server as tasks_server
 
 log = logging.getLogger(__name__)
 
 SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# + meshserve.v1.AsyncInference, meshserve.v1.Routing
+SERVICES = [SERVICE, tasks_server.SERVICE, routing_servicer.SERVICE]
 
 
 async def create_server(settings: Settings, registry: CollectorRegistry | None = None):
@@ -33,12 +37,18 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
         cache_timeout_s=settings.cache_timeout_ms / 1000,
     )
     server, port, health = grpcutil.new_server(
-        f"{settings.host}:{settings.port}", [SERVICE], settings.max_message_mb * MiB
+        f"{settings.host}:{settings.port}", SERVICES, settings.max_message_mb * MiB,
+        reuse_port=settings.reuse_port,
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(gateway, GatewayMetrics(registry), settings.max_stream_concurrency),
         server,
     )
+    # Async inference on the same port; gateway.tasks is its AsyncService.
+    gateway.tasks = tasks_server.attach(server, gateway, registry, settings.redis_url,
+                                        settings.async_runners, settings.queue_settings())
+    # Traffic management on the same port; gateway.router applies the policies.
+    routing_servicer.attach(server, gateway, registry, settings.redis_url, settings.batcher)
     return server, port, health, gateway
 
 
@@ -61,13 +71,16 @@ async def serve(settings: Settings) -> None:
     await server.start()
     log.info("gateway listening on %s:%d", settings.host, port)
     await _wait_for_batcher(gateway)
-    await grpcutil.set_serving(health, [SERVICE], True)
+    await gateway.tasks.start()
+    await gateway.router.start()
+    await grpcutil.set_serving(health, SERVICES, True)
     write_port_file(settings.port_file, grpc=port, metrics=metrics_port)
     log.info("gateway serving (batcher %s, cache %s)", settings.batcher, settings.cache or "off")
     await grpcutil.wait_for_signal()
     log.info("draining for up to %.1fs", settings.grace_s)
-    await grpcutil.set_serving(health, [SERVICE], False)
-    await server.stop(settings.grace_s)
+    await grpcutil.set_serving(health, SERVICES, False)
+    await asyncio.gather(server.stop(settings.grace_s), gateway.tasks.stop(settings.grace_s))
+    await gateway.router.close()
     await gateway.batcher.close()
     if gateway.cache is not None:
         await gateway.cache.close()

@@ -53,7 +53,8 @@ def _int_param(params: dict, key: str) -> int:
     return value
 
 
-def to_call(request: pb.ModelInferRequest, time_remaining: float | None) -> InferCall:
+def to_call(request: pb.ModelInferRequest, time_remaining: float | None,
+            route_key: str = "") -> InferCall:
     params = convert.params(request.parameters)
     priority = _int_param(params, "priority")
     timeout_us = _int_param(params, "timeout")
@@ -73,7 +74,16 @@ def to_call(request: pb.ModelInferRequest, time_remaining: float | None) -> Infe
         priority=priority,
         timeout_s=min(timeouts) if timeouts else None,
         use_cache=use_cache,
+        route_key=route_key or request.id,
     )
+
+
+def route_key(context) -> str:
+    """Sticky routing key: gRPC metadata x-route-key ("" when absent)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-route-key":
+            return value if isinstance(value, str) else value.decode()
+    return ""
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -82,14 +92,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics = metrics
         self.max_stream_concurrency = max_stream_concurrency
 
-    async def _infer(self, request: pb.ModelInferRequest, time_remaining) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, time_remaining,
+                     key: str = "") -> pb.ModelInferResponse:
         started = time.perf_counter()
         code = "OK"
         try:
-            outcome: InferOutcome = await self.gateway.infer(to_call(request, time_remaining))
+            outcome: InferOutcome = await self.gateway.infer(to_call(request, time_remaining, key))
             return convert.infer_response(
                 request, outcome.version, outcome.outputs, outcome.cache_hit,
-                outcome.queue_ns, outcome.compute_ns,
+                outcome.queue_ns, outcome.compute_ns, outcome.model,
             )
         except errors.MeshError as e:
             code = STATUS_OF.get(type(e), grpc.StatusCode.INTERNAL).name
@@ -107,18 +118,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ModelInfer(self, request, context):
-        return await self._infer(request, context.time_remaining())
+        return await self._infer(request, context.time_remaining(), route_key(context))
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests on one stream run concurrently (bounded); each response or error is
         written as it completes. An error answers that request only: the stream goes on."""
         out: asyncio.Queue = asyncio.Queue()
+        key = route_key(context)
         slots = asyncio.Semaphore(self.max_stream_concurrency)
         tasks: set[asyncio.Task] = set()
 
         async def one(request):
             try:
-                response = await self._infer(request, context.time_remaining())
+                response = await self._infer(request, context.time_remaining(), key)
                 await out.put(pb.ModelStreamInferResponse(infer_response=response))
             except errors.MeshError as e:
                 await out.put(_stream_error(request, str(e)))
@@ -159,7 +171,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @grpc_errors
     async def ModelReady(self, request, context):
         return pb.ModelReadyResponse(
-            ready=await self.gateway.model_ready(request.name, request.version)
+            ready=await self.gateway.model_ready(self.gateway.target_name(request.name),
+                                                 request.version)
         )
 
     async def ServerMetadata(self, request, context):
@@ -169,12 +182,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ModelMetadata(self, request, context):
-        config, _version = self.gateway.catalog.resolve(request.name, request.version)
-        return convert.model_metadata(config, self.gateway.versions(request.name))
+        name = self.gateway.target_name(request.name)  # an alias answers for its target
+        config, _version = self.gateway.catalog.resolve(name, request.version)
+        return convert.model_metadata(config, self.gateway.versions(name))
 
     @grpc_errors
     async def ModelConfig(self, request, context):
-        config, _version = self.gateway.catalog.resolve(request.name, request.version)
+        name = self.gateway.target_name(request.name)  # an alias answers for its target
+        config, _version = self.gateway.catalog.resolve(name, request.version)
         return pb.ModelConfigResponse(config=convert.model_config(config))
 
     @grpc_errors

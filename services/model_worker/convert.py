@@ -50,5 +50,5 @@ def status_to_pb(s: WorkerState) -> worker_pb2.WorkerStatus:
     return worker_pb2.WorkerStatus(
         worker_id=s.worker_id, device=s.device, models=[model_to_pb(m) for m in s.models],
         memory_used_bytes=s.memory_used_bytes, memory_limit_bytes=s.memory_limit_bytes,
-        max_models=s.max_models, in_flight=s.in_flight,
+        max_models=s.max_models, in_flight=s.in_flight, draining=s.draining,
     )

@@ -57,7 +57,9 @@ async def serve(settings: Settings) -> None:
     log.info("model worker %s on port %d, device %s, models %s", worker.worker_id, port,
              settings.device, [f"{m.model}:{m.version}" for m in worker.cache.models()])
     await wait_for_signal()
-    log.info("stopping: in-flight batches get %.1fs", settings.grace_s)
+    log.info("draining: in-flight batches get %.1fs", settings.grace_s)
     await set_serving(health, [SERVICE_NAME], False)
+    # Batchers stop sending new batches and end their streams once answered.
+    worker.drain()
     await server.stop(settings.grace_s)
     worker.close()

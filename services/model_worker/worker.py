@@ -28,6 +28,7 @@ class WorkerState:
     memory_limit_bytes: int  # 0: unbounded
     max_models: int
     in_flight: int
+    draining: bool = False
 
 
 def error_outcome(batch_id: int, exc: BaseException) -> BatchOutcome:
@@ -60,6 +61,7 @@ class Worker:
         )
         self._pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="compute")
         self._in_flight = 0
+        self.draining = False
         self._watchers: set[asyncio.Queue[WorkerState]] = set()
 
     # --------------------------------------------------------------------------- status
@@ -73,6 +75,7 @@ class Worker:
             memory_limit_bytes=self.cache.max_memory_bytes,
             max_models=self.cache.max_models,
             in_flight=self._in_flight,
+            draining=self.draining,
         )
 
     def _changed(self) -> None:
@@ -92,6 +95,13 @@ class Worker:
                 yield await queue.get()
         finally:
             self._watchers.discard(queue)
+
+    def drain(self) -> None:
+        """Shutting down: every watcher is told (WatchStatus draining), so batchers send no
+        new batches; what is in flight still runs to the end."""
+        if not self.draining:
+            self.draining = True
+            self._changed()
 
     # -------------------------------------------------------------------------- models
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import time
 
 import grpc
 import numpy as np
@@ -95,8 +96,13 @@ def test_default_version_and_requested_outputs_only(client):
 def test_repeated_request_served_from_cache(client):
     x = ROWS[1:2] + 0.5
     first = client.infer("digits", [infer_input(x)])
-    second = client.infer("digits", [infer_input(x)])
     assert first.get_response().parameters["cache_hit"].bool_param is False
+    # The gateway stores without delaying its answer: the entry lands shortly after.
+    for _ in range(50):
+        second = client.infer("digits", [infer_input(x)])
+        if second.get_response().parameters["cache_hit"].bool_param:
+            break
+        time.sleep(0.02)
     assert second.get_response().parameters["cache_hit"].bool_param is True
     np.testing.assert_array_equal(first.as_numpy("logits"), second.as_numpy("logits"))
     np.testing.assert_array_equal(first.as_numpy("predictions"), second.as_numpy("predictions"))

@@ -106,7 +106,7 @@ class LoadedModel(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., byte_size: _Optional[int] = ..., warmup: _Optional[_Iterable[_Union[BucketWarmup, _Mapping]]] = ..., cuda_graphs: _Optional[bool] = ..., load_ns: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "device", "models", "memory_used_bytes", "memory_limit_bytes", "max_models", "in_flight")
+    __slots__ = ("worker_id", "device", "models", "memory_used_bytes", "memory_limit_bytes", "max_models", "in_flight", "draining")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class WorkerStatus(_message.Message):
     MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MODELS_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     device: str
     models: _containers.RepeatedCompositeFieldContainer[LoadedModel]
@@ -121,4 +122,5 @@ class WorkerStatus(_message.Message):
     memory_limit_bytes: int
     max_models: int
     in_flight: int
-    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[str] = ..., models: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ..., memory_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., max_models: _Optional[int] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    draining: bool
+    def __init__(self, worker_id: _Optional[str] = ..., device: _Optional[str] = ..., models: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ..., memory_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., max_models: _Optional[int] = ..., in_flight: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...

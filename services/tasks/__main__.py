@@ -1,0 +1,17 @@
+"""python -m meshserve.tasks (`meshserve async-runner`): runs async inference tasks."""
+
+import asyncio
+
+from meshserve.common import logs
+from meshserve.tasks.config import from_args
+from meshserve.tasks.server import serve
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = from_args(argv)
+    logs.setup(settings.log_level)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Settings of the standalone async runner (`meshserve async-runner`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshserve.common.errors import ConfigError
+from meshserve.common.settings import Flags
+from meshserve.tasks.records import QueueSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 8041  # grpc.health.v1 only
+    metrics_port: int = 8042
+    port_file: str | None = None
+    log_level: str = "INFO"
+    redis_url: str = ""
+    model_repository: str = "models"
+    batcher: str = "127.0.0.1:8011"
+    cache: str = ""
+    cache_timeout_ms: int = 50
+    runners: int = 1
+    concurrency: int = 256  # tasks in progress at once per runner
+    max_queue: int = 100_000
+    task_ttl_s: float = 3600.0
+    result_ttl_s: float = 3600.0
+    claim_idle_s: float = 30.0
+    max_deliveries: int = 3
+    key_prefix: str = "meshserve:tasks"
+    grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"--redis-url {self.redis_url!r}: a standalone runner needs Redis "
+                              "(redis://, rediss:// or unix://)")
+        if not 0 <= self.port < 65536 or not -1 <= self.metrics_port < 65536:
+            raise ConfigError("--port must be in 0..65535 and --metrics-port in -1..65535")
+        if self.runners < 1 or self.concurrency < 1:
+            raise ConfigError("--runners and --concurrency must be >= 1")
+        if self.cache_timeout_ms < 1:
+            raise ConfigError(f"--cache-timeout-ms: must be >= 1, got {self.cache_timeout_ms}")
+        self.queue_settings()
+
+    def queue_settings(self) -> QueueSettings:
+        return QueueSettings(self.max_queue, self.task_ttl_s, self.result_ttl_s,
+                             self.claim_idle_s, self.max_deliveries, self.key_prefix)
+
+
+def from_args(argv: list[str] | None = None) -> Settings:
+    d = Settings.__dataclass_fields__
+    f = Flags("meshserve async-runner",
+              "Runs async inference tasks from Redis Streams through the batcher (and cache).")
+    f.add("--host", str, "0.0.0.0", "address to bind (grpc.health.v1 only)")
+    f.add("--port", int, 8041, "gRPC health port (0: any free port)")
+    f.add("--metrics-port", int, 8042, "Prometheus port (-1: off)")
+    f.add("--port-file", str, None, "write the bound ports here as JSON once serving")
+    f.add("--log-level", str, "INFO", "log level")
+    f.add("--redis-url", str, f.env.get("REDIS_URL", ""), "Redis holding the task queue "
+          "(also env REDIS_URL)")
+    f.add("--model-repository", str, "models", "model repository folder")
+    f.add("--batcher", str, "127.0.0.1:8011", "batcher address")
+    f.add("--cache", str, "", "cache service address; empty: no cache")
+    f.add("--cache-timeout-ms", int, 50, "cache lookup budget per task")
+    f.add("--runners", int, 1, "runner coroutines (consumers) in this process")
+    f.add("--concurrency", int, 256, "tasks in progress at once per runner")
+    f.add("--max-queue", int, d["max_queue"].default, "tasks waiting or running, at most")
+    f.add("--task-ttl-s", float, d["task_ttl_s"].default, "a task not started within this is EXPIRED")
+    f.add("--result-ttl-s", float, d["result_ttl_s"].default, "how long outcomes are kept")
+    f.add("--claim-idle-s", float, d["claim_idle_s"].default,
+          "claim a task whose runner has been silent this long")
+    f.add("--max-deliveries", int, d["max_deliveries"].default,
+          "deliveries before a task is dead-lettered (FAILED)")
+    f.add("--key-prefix", str, d["key_prefix"].default, "prefix of every Redis key")
+    f.add("--grace-s", float, 5.0, "drain time on SIGTERM")
+    a = f.parse(argv)
+    try:
+        return Settings(**{k: getattr(a, k) for k in d})
+    except ConfigError as e:
+        f.parser.error(str(e))
+        raise
