@@ -159,7 +159,7 @@ class BatcherClient:
         stream, which the channel opens to another batcher."""
         request = batcher_pb2.InferRequest(
             model=model, version=version, inputs=inputs, outputs=outputs, priority=priority,
-            timeout_us=int(timeout_s * 1e6) if timeout_s else 0,
+            timeout_us=max(1, int(timeout_s * 1e6)) if timeout_s else 0,
         )
         for _ in range(len(self._streams) + 1):
             result, stream = await self._infer_once(request, timeout_s)
@@ -174,21 +174,20 @@ class BatcherClient:
                           ) -> tuple[batcher_pb2.InferResult, _Stream]:
         request_id = request.request_id = next(self._ids)
         stream = self._stream()
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         stream.send(request, future)
+        # The batcher answers DEADLINE_EXCEEDED itself; this timer only bounds a stuck hop
+        # (a timer on the future costs less than wait_for's extra task per request).
+        timer = loop.call_later(timeout_s + 1.0, _expire, future, timeout_s) if timeout_s else None
         try:
-            if timeout_s:
-                # The batcher answers DEADLINE_EXCEEDED itself; this only bounds a stuck hop.
-                result = await asyncio.wait_for(asyncio.shield(future), timeout_s + 1.0)
-            else:
-                result = await future
-        except TimeoutError:
-            stream.cancel(request_id)
-            raise DeadlineExceeded(
-                f"no answer from the batcher within {timeout_s:.3f}s") from None
-        except asyncio.CancelledError:
+            result = await future
+        except (DeadlineExceeded, asyncio.CancelledError):
             stream.cancel(request_id)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         return result, stream
 
     async def _unary(self, method: str, request, channel_index: int | None = None):
@@ -223,3 +222,9 @@ class BatcherClient:
 
     async def model_states(self, model: str = "") -> batcher_pb2.ModelStatesResponse:
         return await self._unary("ModelStates", batcher_pb2.ModelStatesRequest(model=model))
+
+
+def _expire(future: asyncio.Future, timeout_s: float) -> None:
+    if not future.done():
+        future.set_exception(
+            DeadlineExceeded(f"no answer from the batcher within {timeout_s:.3f}s"))

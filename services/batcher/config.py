@@ -18,7 +18,7 @@ class Settings:
     model_repository: str = "models"
     load: tuple[str, ...] = ()  # model names, or ("all",)
     max_retries: int = 2
-    max_in_flight_per_worker: int = 2
+    max_in_flight_per_worker: int = 0  # 0: 1 on a CPU worker, 2 on a GPU worker
     # Overrides of the model configs' batching (0 / None: the config's).
     max_batch_size: int = 0
     max_queue_delay_us: int = 0
@@ -32,7 +32,7 @@ class Settings:
         checks = {
             "port": self.port >= 0, "metrics_port": self.metrics_port >= -1,
             "max_retries": self.max_retries >= 0,
-            "max_in_flight_per_worker": self.max_in_flight_per_worker >= 1,
+            "max_in_flight_per_worker": self.max_in_flight_per_worker >= 0,
             "max_batch_size": self.max_batch_size >= 0,
             "max_queue_delay_us": self.max_queue_delay_us >= 0,
             "max_queue_size": self.max_queue_size >= 0,
@@ -63,7 +63,8 @@ def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) 
     f.add("--model-repository", str, "models", "model repository root")
     f.add("--load", parse_list, (), "models to make sure are loaded at start: names, or all")
     f.add("--max-retries", int, 2, "retries of a batch whose worker failed")
-    f.add("--max-in-flight-per-worker", int, 2, "batches in flight on one worker")
+    f.add("--max-in-flight-per-worker", int, 0,
+          "batches in flight on one worker (0: 1 on CPU workers, 2 on GPU workers)")
     f.add("--max-batch-size", int, 0, "override of the configs' max_batch_size (0: config)")
     f.add("--max-queue-delay-us", int, 0, "override of max_queue_delay_us (0: config)")
     f.add("--max-queue-size", int, 0, "override of max_queue_size (0: config)")

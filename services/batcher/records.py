@@ -8,6 +8,7 @@ many requests is one np.concatenate and splitting a batch's output is slicing.
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,7 +48,7 @@ def raw_tensor(name: str, dtype: str, shape: tuple[int, ...], data: bytes) -> Ra
         raise InvalidInput(f"input '{name}': datatype {dtype} cannot be batched")
     if any(d < 0 for d in shape):
         raise InvalidInput(f"input '{name}': shape {list(shape)} has a negative dimension")
-    expected = dt.itemsize * int(np.prod(shape, dtype=np.int64))
+    expected = dt.itemsize * math.prod(shape)
     if len(data) != expected:
         raise InvalidInput(
             f"input '{name}': {len(data)} bytes of raw data, expected {expected} "

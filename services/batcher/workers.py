@@ -53,6 +53,7 @@ class WorkerLink(Protocol):
 @dataclass(eq=False, slots=True)
 class Worker:
     link: WorkerLink
+    # Batches we keep in flight on it; 0: by device (see slots).
     max_in_flight: int
     connected: bool = False
     report: WorkerReport | None = None
@@ -84,8 +85,19 @@ class Worker:
         return self.state_of(key) == "READY"
 
     @property
+    def slots(self) -> int:
+        """Batches in flight at once. By default one on a CPU worker: a second batch would
+        compete for the cores the rest of the mesh needs and run smaller batches, while
+        with one in flight the queue fills during compute. Two on a GPU, so the copies of
+        one batch overlap the compute of the other."""
+        if self.max_in_flight:
+            return self.max_in_flight
+        device = self.report.device if self.report is not None else "cpu"
+        return 2 if device.startswith("cuda") else 1
+
+    @property
     def free_slots(self) -> int:
-        return self.max_in_flight - self.outstanding
+        return self.slots - self.outstanding
 
     def free_memory_bytes(self) -> int:
         if self.report is None or not self.report.memory_limit_bytes:
