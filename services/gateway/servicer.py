@@ -86,6 +86,17 @@ def route_key(context) -> str:
     return ""
 
 
+async def infer_message(gateway: Gateway, request: pb.ModelInferRequest,
+                        time_remaining: float | None, key: str = "") -> pb.ModelInferResponse:
+    """One ModelInferRequest through the gateway (routing, cache, batcher) to its response:
+    the path of ModelInfer, ModelStreamInfer and async tasks alike."""
+    outcome: InferOutcome = await gateway.infer(to_call(request, time_remaining, key))
+    return convert.infer_response(
+        request, outcome.version, outcome.outputs, outcome.cache_hit,
+        outcome.queue_ns, outcome.compute_ns, outcome.model,
+    )
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, gateway: Gateway, metrics: GatewayMetrics, max_stream_concurrency: int):
         self.gateway = gateway
@@ -97,11 +108,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter()
         code = "OK"
         try:
-            outcome: InferOutcome = await self.gateway.infer(to_call(request, time_remaining, key))
-            return convert.infer_response(
-                request, outcome.version, outcome.outputs, outcome.cache_hit,
-                outcome.queue_ns, outcome.compute_ns, outcome.model,
-            )
+            return await infer_message(self.gateway, request, time_remaining, key)
         except errors.MeshError as e:
             code = STATUS_OF.get(type(e), grpc.StatusCode.INTERNAL).name
             raise

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from meshserve.common.errors import InvalidInput
 from meshserve.common.validation import resolve_outputs, validate_inputs
-from meshserve.gateway import convert
 from meshserve.gateway.core import Gateway
-from meshserve.gateway.servicer import to_call
+from meshserve.gateway.servicer import infer_message, to_call
 from meshserve.pb.inference import grpc_service_pb2 as pb
 from meshserve.tasks.records import NewTask
 
@@ -20,17 +19,14 @@ class GatewayPath:
     async def __call__(self, request: bytes, timeout_s: float) -> bytes:
         """Runs one task (a serialized ModelInferRequest); the serialized response."""
         message = pb.ModelInferRequest.FromString(request)
-        outcome = await self.gateway.infer(to_call(message, timeout_s))
-        return convert.infer_response(
-            message, outcome.version, outcome.outputs, outcome.cache_hit,
-            outcome.queue_ns, outcome.compute_ns,
-        ).SerializeToString()
+        return (await infer_message(self.gateway, message, timeout_s)).SerializeToString()
 
     def new_task(self, request: pb.ModelInferRequest, idempotency_key: str) -> NewTask:
         """Validates what can be checked without running (unknown model: NOT_FOUND, bad
         inputs or parameters: INVALID_ARGUMENT), so that a bad task fails at submit."""
         call = to_call(request, None)
-        config, _version = self.gateway.catalog.resolve(call.model, call.version)
+        model = self.gateway.target_name(call.model)  # an alias checks its current target
+        config, _version = self.gateway.catalog.resolve(model, call.version)
         validate_inputs(config, call.inputs)
         resolve_outputs(config, call.outputs)
         if call.priority < 0 or call.priority > config.batching.priority_levels:
