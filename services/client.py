@@ -238,26 +238,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 async def _infer(args: argparse.Namespace) -> int:
     text = Path(args.input_file).read_text() if args.input_file else args.input
-    data = json.loads(text)
     async with AsyncClient(args.url) as client:
-        meta = await client.metadata(args.model, args.version)
-        if not isinstance(data, dict):
-            if len(meta.inputs) != 1:
-                names = ", ".join(t.name for t in meta.inputs)
-                print(f"model '{args.model}' has inputs {names}: give a JSON object", file=sys.stderr)
-                return 2
-            data = {meta.inputs[0].name: data}
-        inputs = {}
-        for spec in meta.inputs:
-            if spec.name not in data:
-                continue
-            array = np.asarray(data[spec.name], dtype=to_numpy_dtype(spec.datatype))
-            if len(spec.shape) == array.ndim + 1:  # one row given: add the batch dimension
-                array = array[None]
-            inputs[spec.name] = array
-        for name in data:
-            if name not in inputs:
-                inputs[name] = np.asarray(data[name])  # let the gateway name what is wrong
+        try:
+            inputs = await _json_inputs(client, args.model, args.version, text)
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            return 2
         result = await client.infer(args.model, inputs, args.output, args.version,
                                     timeout_s=args.timeout_s, use_cache=not args.no_cache)
     print(f"model {args.model} version {result.model_version}  cache_hit={result.cache_hit} "
@@ -347,9 +333,10 @@ def task_result(task: apb.Task) -> TaskResult:
 # ------------------------------------------------- meshserve submit / meshserve result
 
 
-async def _json_inputs(client: AsyncClient, model: str, version: str, path: str) -> dict:
-    """A JSON file in the `meshserve infer --input` format -> named arrays with a batch dim."""
-    data = json.loads(Path(path).read_text())
+async def _json_inputs(client: AsyncClient, model: str, version: str, text: str) -> dict:
+    """JSON in the `meshserve infer --input` format (a list for a one-input model, or
+    {"name": list}) -> named arrays, with a batch dimension added to a single row."""
+    data = json.loads(text)
     meta = await client.metadata(model, version)
     if not isinstance(data, dict):
         if len(meta.inputs) != 1:
@@ -368,7 +355,8 @@ async def _json_inputs(client: AsyncClient, model: str, version: str, path: str)
 
 async def _submit(args: argparse.Namespace) -> int:
     async with AsyncClient(args.url) as client:
-        inputs = await _json_inputs(client, args.model, args.version, args.input_file)
+        inputs = await _json_inputs(client, args.model, args.version,
+                                    Path(args.input_file).read_text())
         task_id = await client.submit(args.model, inputs, args.output, args.version,
                                       idempotency_key=args.idempotency_key,
                                       use_cache=not args.no_cache)
