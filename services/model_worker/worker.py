@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
+
 from meshserve.common.errors import Internal, MeshError, NotFound
 from meshserve.common.grpcutil import code_value
 from meshserve.common.repository import ModelRepository
@@ -59,7 +61,12 @@ class Worker:
             cuda_graphs=cuda_graphs, loader=loader, on_change=self._changed,
             metrics=self.metrics,
         )
-        self._pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="compute")
+        # OpenMP thread counts are per thread: give each compute thread the process's
+        # setting (--threads), or torch would run parallel regions on every core from it.
+        self._pool = ThreadPoolExecutor(
+            max_in_flight, thread_name_prefix="compute",
+            initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),),
+        )
         self._in_flight = 0
         self.draining = False
         self._watchers: set[asyncio.Queue[WorkerState]] = set()

@@ -129,3 +129,21 @@ async def test_load_errors_are_clear(repo, tmp_path):
     with pytest.raises(InvalidInput, match="model.pth"):
         await cache.load("a", "1")
     assert cache.models() == ()  # a failed load leaves nothing behind
+
+
+def test_compute_threads_use_the_process_thread_count(models_dir):
+    """OpenMP thread counts are per thread: every compute thread gets --threads, not one
+    thread per core (which would oversubscribe the cores the rest of the mesh needs)."""
+    import torch
+
+    from meshserve.model_worker.worker import Worker
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        worker = Worker(ModelRepository(models_dir), worker_id="w", device="cpu", max_in_flight=2)
+        counts = {worker._pool.submit(torch.get_num_threads).result() for _ in range(4)}
+        worker.close()
+    finally:
+        torch.set_num_threads(before)
+    assert counts == {1}
