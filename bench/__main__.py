@@ -133,17 +133,23 @@ async def scenarios(mesh_address: str, baseline_address: str, repo: Path,
 
     log("saturation: concurrency 1..128, mesh vs unbatched server vs in-process ceiling")
     ceiling = in_process_ceiling(digits_v2, (64,), 64, duration_s / 2)
-    sat = {"mesh": [], "unbatched_server": [], "in_process_ceiling": ceiling}
+    sat = {"mesh": [], "mesh_stream": [], "unbatched_server": [],
+           "in_process_ceiling": ceiling}
     for c in SATURATION:
         m = await measure(mesh, "digits", uncached, c, duration_s)
+        ms = await measure(mesh, "digits", uncached, c, duration_s, stream=True)
         b = await measure(baseline, "", uncached, c, duration_s)
         sat["mesh"].append(m)
+        sat["mesh_stream"].append(ms)
         sat["unbatched_server"].append(b)
         log(f"  c={c}: mesh {m['throughput_rps']}/s p99 {m['p99_ms']} ms (batch "
-            f"{m['mean_batch_size']}), unbatched {b['throughput_rps']}/s p99 {b['p99_ms']} ms")
+            f"{m['mean_batch_size']}), mesh stream {ms['throughput_rps']}/s (batch "
+            f"{ms['mean_batch_size']}), unbatched {b['throughput_rps']}/s p99 {b['p99_ms']} ms")
     peak_mesh = max(r["throughput_rps"] for r in sat["mesh"])
+    peak_stream = max(r["throughput_rps"] for r in sat["mesh_stream"])
     peak_base = max(r["throughput_rps"] for r in sat["unbatched_server"])
     sat["peak_ratio_vs_unbatched"] = round(peak_mesh / peak_base, 2)
+    sat["peak_stream_ratio_vs_unbatched"] = round(peak_stream / peak_base, 2)
     sat["peak_ratio_vs_ceiling"] = round(peak_mesh / ceiling["rows_per_s"], 3)
     sat["target_ratio_vs_unbatched"] = 3.0
     out["saturation"] = sat
@@ -212,7 +218,9 @@ def plot(results: dict, path: Path) -> None:
     sat = results["saturation"]
     conc = [r["concurrency"] for r in sat["mesh"]]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    a.plot(conc, [r["throughput_rps"] for r in sat["mesh"]], "o-", label="meshserve")
+    a.plot(conc, [r["throughput_rps"] for r in sat["mesh"]], "o-", label="meshserve (ModelInfer)")
+    a.plot(conc, [r["throughput_rps"] for r in sat["mesh_stream"]], "^-",
+           label="meshserve (ModelStreamInfer)")
     a.plot(conc, [r["throughput_rps"] for r in sat["unbatched_server"]], "s-",
            label="unbatched gRPC server")
     a.axhline(sat["in_process_ceiling"]["rows_per_s"], ls="--", c="gray",
@@ -220,7 +228,9 @@ def plot(results: dict, path: Path) -> None:
     a.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="requests/s",
           title="digits: throughput")
     a.legend(fontsize=8)
-    b.plot(conc, [r["p99_ms"] for r in sat["mesh"]], "o-", label="meshserve")
+    b.plot(conc, [r["p99_ms"] for r in sat["mesh"]], "o-", label="meshserve (ModelInfer)")
+    b.plot(conc, [r["p99_ms"] for r in sat["mesh_stream"]], "^-",
+           label="meshserve (ModelStreamInfer)")
     b.plot(conc, [r["p99_ms"] for r in sat["unbatched_server"]], "s-",
            label="unbatched gRPC server")
     b.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="p99 latency (ms)",

@@ -9,6 +9,8 @@
     meshserve async-runner [flags]     runs async tasks from Redis (beside the gateways)
     meshserve route get|set|promote|watch MODEL ...
                                        traffic management: splits, canaries, shadows, fallback
+    meshserve keys add NAME --models digits,... --file keys.json
+                                       API keys for --api-keys-file (prints the key once)
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
         from meshserve import client
 
         raise SystemExit(client.result_main(rest))
+    elif command == "keys":
+        from meshserve.common import auth
+
+        raise SystemExit(auth.keys_main(rest))
     elif command == "route":
         from meshserve import client
 

@@ -39,9 +39,26 @@ class InferResult:
     served_by: str = ""  # "model:version" that answered (a fallback may be another model)
 
 
+def _read_pem(path: str) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
 class AsyncClient:
-    def __init__(self, target: str = "127.0.0.1:8001", max_message_mb: int = 64):
-        self.channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_mb * MiB))
+    def __init__(self, target: str = "127.0.0.1:8001", max_message_mb: int = 64,
+                 api_key: str = "", tls_ca: str = "", tls_cert: str = "", tls_key: str = ""):
+        """api_key: sent as `authorization: Bearer <key>` on every call (gateways started
+        with --api-keys-file require one). tls_ca: TLS, trusting this CA file (tls_cert and
+        tls_key: a client certificate, for gateways that ask for one)."""
+        options = channel_options(max_message_mb * MiB)
+        interceptors = [BearerAuth(api_key)] if api_key else None
+        if tls_ca or tls_cert:
+            credentials = grpc.ssl_channel_credentials(
+                _read_pem(tls_ca), _read_pem(tls_key), _read_pem(tls_cert))
+            self.channel = grpc.aio.secure_channel(target, credentials, options=options,
+                                                   interceptors=interceptors)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=options,
+                                                     interceptors=interceptors)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
     async def __aenter__(self) -> AsyncClient:
@@ -219,6 +236,30 @@ class AsyncClient:
             yield change
 
 
+class BearerAuth(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
+                 grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <key>` to every call of a channel."""
+
+    def __init__(self, api_key: str):
+        self.header = ("authorization", f"Bearer {api_key}")
+
+    def _details(self, details):
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self.header)
+        return details._replace(metadata=metadata)
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
+        return await continuation(self._details(details), request_iterator)
+
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await continuation(self._details(details), request_iterator)
+
+
 # ------------------------------------------------------------------- meshserve infer
 
 
@@ -226,6 +267,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="meshserve infer", description="One inference request.")
     p.add_argument("model")
     p.add_argument("--url", default="127.0.0.1:8001", help="gateway address")
+    p.add_argument("--api-key", default="", help="API key (gateways with --api-keys-file)")
     p.add_argument("--version", default="", help="model version (default: the model's default)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help='JSON: a list for a one-input model, or {"name": list}')
@@ -233,12 +275,16 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--output", action="append", default=[], help="output to return (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="skip the prediction cache")
     p.add_argument("--timeout-s", type=float, default=10.0)
+    p.add_argument("--tls-ca", default="", help="TLS: the CA that signed the gateway's certificate")
+    p.add_argument("--tls-cert", default="", help="TLS client certificate (if the gateway asks)")
+    p.add_argument("--tls-key", default="", help="key of --tls-cert")
     return p.parse_args(argv)
 
 
 async def _infer(args: argparse.Namespace) -> int:
     text = Path(args.input_file).read_text() if args.input_file else args.input
-    async with AsyncClient(args.url) as client:
+    async with AsyncClient(args.url, api_key=args.api_key, tls_ca=args.tls_ca,
+                           tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
         try:
             inputs = await _json_inputs(client, args.model, args.version, text)
         except ValueError as e:
@@ -354,7 +400,7 @@ async def _json_inputs(client: AsyncClient, model: str, version: str, text: str)
 
 
 async def _submit(args: argparse.Namespace) -> int:
-    async with AsyncClient(args.url) as client:
+    async with AsyncClient(args.url, api_key=args.api_key) as client:
         inputs = await _json_inputs(client, args.model, args.version,
                                     Path(args.input_file).read_text())
         task_id = await client.submit(args.model, inputs, args.output, args.version,
@@ -365,7 +411,7 @@ async def _submit(args: argparse.Namespace) -> int:
 
 
 async def _result(args: argparse.Namespace) -> int:
-    async with AsyncClient(args.url) as client:
+    async with AsyncClient(args.url, api_key=args.api_key) as client:
         if args.wait:
             states = [t async for t in client.watch_task(args.task_id)]
             task = states[-1]
@@ -389,6 +435,7 @@ def submit_main(argv: list[str]) -> int:
                                 description="Queue one async inference; prints its task id.")
     p.add_argument("model")
     p.add_argument("--url", default="127.0.0.1:8001", help="gateway address")
+    p.add_argument("--api-key", default="", help="API key (gateways with --api-keys-file)")
     p.add_argument("--version", default="")
     p.add_argument("--input-file", required=True, help="JSON, as for `meshserve infer`")
     p.add_argument("--output", action="append", default=[], help="output to return (repeatable)")
@@ -406,6 +453,7 @@ def result_main(argv: list[str]) -> int:
                                 "and result (exit 0: succeeded or not done yet).")
     p.add_argument("task_id")
     p.add_argument("--url", default="127.0.0.1:8001", help="gateway address")
+    p.add_argument("--api-key", default="", help="API key (gateways with --api-keys-file)")
     p.add_argument("--wait", action="store_true", help="wait until the task is done")
     try:
         return asyncio.run(_result(p.parse_args(argv)))
@@ -467,7 +515,7 @@ def format_status(model: str, status: rpb.PolicyStatus) -> str:
 
 
 async def _route(args: argparse.Namespace) -> int:
-    async with AsyncClient(args.url) as client:
+    async with AsyncClient(args.url, api_key=args.api_key) as client:
         if args.action == "get":
             status = await client.route_get(args.model)
         elif args.action == "promote":
@@ -503,6 +551,7 @@ def route_main(argv: list[str]) -> int:
                                 description="Traffic management: version splits, canaries, "
                                 "shadows, fallback, cost-aware aliases.")
     p.add_argument("--url", default="127.0.0.1:8001", help="gateway address")
+    p.add_argument("--api-key", default="", help="API key (gateways with --api-keys-file)")
     sub = p.add_subparsers(dest="action", required=True)
     g = sub.add_parser("get", help="the policy in force and this gateway's per-route counts")
     g.add_argument("model")
@@ -528,6 +577,7 @@ def route_main(argv: list[str]) -> int:
     pr.add_argument("version")
     for parser in (g, w, s, pr):
         parser.add_argument("--url", default=argparse.SUPPRESS, help="gateway address")
+        parser.add_argument("--api-key", default=argparse.SUPPRESS, help="API key")
     try:
         return asyncio.run(_route(p.parse_args(argv)))
     except grpc.aio.AioRpcError as e:

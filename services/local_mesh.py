@@ -38,10 +38,30 @@ def parse(argv: list[str]) -> argparse.Namespace:
           env="MESHSERVE_UP_GATEWAYS")
     f.add("--workers", int, 0, "model workers (0: one per GPU, else one on the CPU)",
           env="MESHSERVE_UP_WORKERS")
+    f.add("--tls-dir", str, "", "mTLS between the services and TLS on the gateway, from "
+          "DIR/ca.crt, DIR/tls.crt and DIR/tls.key (deploy/tls/make-dev-certs.sh DIR makes them)",
+          env="MESHSERVE_UP_TLS_DIR")
     args = f.parse(argv)
     if args.gateways < 1 or args.workers < 0:
         f.parser.error("--gateways must be >= 1 and --workers >= 0")
+    if args.tls_dir:
+        missing = [n for n in TLS_FILES if not (Path(args.tls_dir) / n).is_file()]
+        if missing:
+            f.parser.error(f"--tls-dir {args.tls_dir}: no {', '.join(missing)} there; make them "
+                           f"with deploy/tls/make-dev-certs.sh {args.tls_dir}")
     return args
+
+
+TLS_FILES = ("ca.crt", "tls.crt", "tls.key")
+
+
+def tls_flags(tls_dir: str) -> tuple[str, ...]:
+    """Every service's --tls-* flags for the certificates in tls_dir ("": plaintext)."""
+    if not tls_dir:
+        return ()
+    d = Path(tls_dir).resolve()
+    return ("--tls-ca", str(d / "ca.crt"), "--tls-cert", str(d / "tls.crt"),
+            "--tls-key", str(d / "tls.key"))
 
 
 def devices(spec: str, workers: int = 0) -> list[str]:
@@ -108,7 +128,8 @@ class LocalMesh:
     def __init__(self, model_repository: str, devices: list[str], redis_url: str = "",
                  host: str = "127.0.0.1", port: int = 8001, metrics_port: int = 8002,
                  log_level: str = "INFO", log_file=None, worker_flags: tuple[str, ...] = (),
-                 batcher_flags: tuple[str, ...] = (), gateways: int = 1):
+                 batcher_flags: tuple[str, ...] = (), gateways: int = 1,
+                 gateway_flags: tuple[str, ...] = (), tls_dir: str = ""):
         """devices: one model worker each; gateways: processes sharing `port` (SO_REUSEPORT).
         With several workers each loads every model at start (replicas, not one holder)."""
         if gateways < 1:
@@ -119,6 +140,8 @@ class LocalMesh:
         self.host, self.port, self.metrics_port = host, port, metrics_port
         self.log_level, self.log_file = log_level, log_file
         self.worker_flags, self.batcher_flags = worker_flags, batcher_flags
+        self.gateway_flags = gateway_flags
+        self.tls_dir = tls_dir  # mTLS inside, TLS on the gateway; "": plaintext
         self.tmp = Path(tempfile.mkdtemp(prefix="meshserve-up-"))
         self.children: list[Child] = []
         self.gateway_address = ""
@@ -136,7 +159,8 @@ class LocalMesh:
         return child
 
     async def start(self) -> None:
-        internal = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")
+        internal = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+                    *tls_flags(self.tls_dir))
         cache_flags = ("--redis-url", self.redis_url) if self.redis_url else ()
         cache = await self._start("cache", "meshserve.cache", *internal, *cache_flags)
         replicas = ("--load", "all") if len(self.devices) > 1 else ()
@@ -163,10 +187,11 @@ class LocalMesh:
                 "--host", self.host, "--port", str(port), "--metrics-port", str(metrics_port),
                 "--model-repository", self.repo, "--reuse-port", str(self.gateways > 1),
                 "--batcher", f"127.0.0.1:{batcher_port}", "--cache", f"127.0.0.1:{cache_port}",
+                *tls_flags(self.tls_dir), *self.gateway_flags,
             )
             port = (await gateway.ready())["grpc"]
         self.gateway_address = f"127.0.0.1:{port}"
-        await load_models(self.gateway_address, self.repo)
+        await load_models(self.gateway_address, self.repo, self.tls_dir)
 
     def exited(self) -> list[asyncio.Task]:
         return [asyncio.ensure_future(c.proc.wait()) for c in self.children]
@@ -185,7 +210,7 @@ class LocalMesh:
 async def run(args: argparse.Namespace) -> int:
     mesh = LocalMesh(args.model_repository, devices(args.devices, args.workers),
                      args.redis_url, args.host, args.port, args.metrics_port, args.log_level,
-                     gateways=args.gateways)
+                     gateways=args.gateways, tls_dir=args.tls_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -200,7 +225,9 @@ async def run(args: argparse.Namespace) -> int:
         gateways = f" ({args.gateways} gateways)" if args.gateways > 1 else ""
         say(f"meshserve is serving on {args.host}:{port}{gateways} "
             f"(metrics http://{args.host}:{args.metrics_port}/metrics)")
-        say("try:  .venv/bin/meshserve infer digits --input-file models/digits/example.json")
+        tls = f" --tls-ca {Path(args.tls_dir) / 'ca.crt'}" if args.tls_dir else ""
+        say("try:  .venv/bin/meshserve infer digits --input-file models/digits/example.json"
+            + tls)
         say("stop: Ctrl-C")
         done, _ = await asyncio.wait([stop_task, *mesh.exited()],
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -219,10 +246,11 @@ async def run(args: argparse.Namespace) -> int:
     return code
 
 
-async def load_models(target: str, repo: str) -> None:
+async def load_models(target: str, repo: str, tls_dir: str = "") -> None:
     from meshserve.client import AsyncClient
 
-    async with AsyncClient(target) as client:
+    tls = {"tls_ca": str(Path(tls_dir) / "ca.crt")} if tls_dir else {}
+    async with AsyncClient(target, **tls) as client:
         for name in sorted(p.parent.name for p in Path(repo).glob("*/config.json")):
             try:
                 await client.load_model(name)

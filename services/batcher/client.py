@@ -16,8 +16,9 @@ import logging
 import grpc
 
 from meshserve.batcher.core import DRAINING
-from meshserve.common import grpcutil
+from meshserve.common import grpcutil, tracing
 from meshserve.common.errors import DeadlineExceeded, MeshError, Unavailable
+from meshserve.common.transport import Transport
 from meshserve.pb.meshserve.v1 import batcher_pb2, batcher_pb2_grpc, tensor_pb2
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,11 @@ class BatcherClient:
     round_robin), or a comma list of addresses (one channel each). Requests go round-robin
     over `streams` streams per channel, skipping channels in TRANSIENT_FAILURE."""
 
-    def __init__(self, target: str, streams: int = 1):
+    def __init__(self, target: str, streams: int = 1, transport: Transport | None = None):
         if streams < 1:
             raise ValueError(f"streams must be >= 1, got {streams}")
         self.target = target
+        self.transport = transport
         self.targets = grpcutil.split_targets(target)
         if not self.targets:
             raise ValueError("the batcher target is empty")
@@ -110,7 +112,7 @@ class BatcherClient:
         self._ids = itertools.count(1)
 
     async def start(self) -> None:
-        self._channels = [grpcutil.insecure_channel(t) for t in self.targets]
+        self._channels = [grpcutil.channel(t, self.transport) for t in self.targets]
         self._stubs = [batcher_pb2_grpc.BatcherStub(c) for c in self._channels]
 
     async def close(self) -> None:
@@ -160,6 +162,7 @@ class BatcherClient:
         request = batcher_pb2.InferRequest(
             model=model, version=version, inputs=inputs, outputs=outputs, priority=priority,
             timeout_us=max(1, int(timeout_s * 1e6)) if timeout_s else 0,
+            traceparent=tracing.current_traceparent(),  # the caller's trace context
         )
         for _ in range(len(self._streams) + 1):
             result, stream = await self._infer_once(request, timeout_s)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meshserve.common import transport
 from meshserve.common.settings import Flags, parse_bool, parse_list
+from meshserve.common.transport import PLAINTEXT, Transport
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,7 @@ class Settings:
     grace_s: float = 5.0
     # How long start-up waits for a first worker before serving anyway.
     startup_wait_s: float = 30.0
+    transport: Transport = PLAINTEXT  # TLS (mTLS), compression, OTLP
 
     def __post_init__(self) -> None:
         checks = {
@@ -71,6 +74,7 @@ def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) 
     f.add("--adaptive", _optional_bool, None, "override of batching.adaptive (empty: config)")
     f.add("--grace-s", float, 5.0, "grace period on shutdown")
     f.add("--startup-wait-s", float, 30.0, "wait this long for a first worker at start")
+    transport.add_flags(f)
     a = f.parse(argv)
     return Settings(
         host=a.host, port=a.port, metrics_port=a.metrics_port, port_file=a.port_file,
@@ -79,4 +83,5 @@ def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) 
         max_in_flight_per_worker=a.max_in_flight_per_worker, max_batch_size=a.max_batch_size,
         max_queue_delay_us=a.max_queue_delay_us, max_queue_size=a.max_queue_size,
         adaptive=a.adaptive, grace_s=a.grace_s, startup_wait_s=a.startup_wait_s,
+        transport=transport.from_args(f, a),
     )

@@ -17,6 +17,7 @@ from meshserve.batcher.records import Batch, BatchOutcome
 from meshserve.batcher.workers import WorkerPool
 from meshserve.common import grpcutil
 from meshserve.common.errors import Unavailable
+from meshserve.common.transport import Transport
 from meshserve.pb.meshserve.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,14 @@ BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 5.0
 class WorkerConnection:
     """A WorkerLink over gRPC to one model worker."""
 
-    def __init__(self, address: str, pool: WorkerPool):
+    def __init__(self, address: str, pool: WorkerPool, transport: Transport | None = None,
+                 server_name: str = ""):
+        """server_name: the name the worker's certificate carries when address is an IP
+        resolved from dns:///name:port (TLS only)."""
         self.address = address
         self.pool = pool
+        self.transport = transport
+        self.server_name = server_name
         self._stub: worker_pb2_grpc.ModelWorkerStub | None = None
         self._send: asyncio.Queue | None = None
         self._pending: dict[int, asyncio.Future] = {}
@@ -103,7 +109,8 @@ class WorkerConnection:
         backoff_s = BACKOFF_MIN_S
         failures = 0  # consecutive; only the first is logged as a warning
         while not self._closed:
-            channel = grpcutil.insecure_channel(self.address)
+            channel = grpcutil.channel(self.address, self.transport,
+                                       server_name=self.server_name)
             stub = worker_pb2_grpc.ModelWorkerStub(channel)
             tasks: list[asyncio.Task] = []
             try:
@@ -196,8 +203,8 @@ class WorkerDirectory:
     address the name resolves to, re-resolved every resolve_every_s."""
 
     def __init__(self, entries: tuple[str, ...], pool: WorkerPool, max_in_flight: int,
-                 resolve_every_s: float = 5.0):
-        self.entries, self.pool = entries, pool
+                 resolve_every_s: float = 5.0, transport: Transport | None = None):
+        self.entries, self.pool, self.transport = entries, pool, transport
         self.max_in_flight, self.resolve_every_s = max_in_flight, resolve_every_s
         self.connections: dict[str, WorkerConnection] = {}
         self._resolved: dict[str, set[str]] = {}
@@ -218,17 +225,21 @@ class WorkerDirectory:
 
     async def _sync(self) -> None:
         addresses: set[str] = set()
+        names: dict[str, str] = {}  # resolved IP address -> the name its certificate carries
         for entry in self.entries:
             if entry.startswith("dns:"):
                 found = await _resolve(entry)
                 # A failed lookup keeps the last known addresses.
                 if found is not None:
                     self._resolved[entry] = found
-                addresses |= self._resolved.get(entry, set())
+                resolved = self._resolved.get(entry, set())
+                addresses |= resolved
+                names.update(dict.fromkeys(resolved, _host(entry)))
             else:
                 addresses.add(entry)
         for address in sorted(addresses - set(self.connections)):
-            conn = self.connections[address] = WorkerConnection(address, self.pool)
+            conn = self.connections[address] = WorkerConnection(
+                address, self.pool, self.transport, names.get(address, ""))
             self.pool.add(conn, self.max_in_flight)
             conn.start()
             log.info("model worker %s added", address)
@@ -246,6 +257,12 @@ class WorkerDirectory:
         for conn in self.connections.values():
             await conn.close()
         self.connections.clear()
+
+
+def _host(entry: str) -> str:
+    """dns:///name:port (or dns://authority/name:port) -> name."""
+    target = entry.split("/", 3)[-1] if entry.startswith("dns://") else entry[len("dns:"):]
+    return target.rpartition(":")[0].strip("[]")
 
 
 async def _resolve(entry: str) -> set[str] | None:

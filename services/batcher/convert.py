@@ -22,7 +22,14 @@ def batch_to_pb(batch: Batch) -> worker_pb2.Batch:
     return worker_pb2.Batch(
         batch_id=batch.batch_id, model=batch.model, version=batch.version,
         inputs=[tensor_to_pb(t) for t in batch.inputs], outputs=list(batch.outputs),
+        traceparents=_traceparents(batch),
     )
+
+
+def _traceparents(batch: Batch) -> list[str]:
+    """One per request, in order; none at all when no request carries one."""
+    found = [r.traceparent for r in batch.requests]
+    return found if any(found) else []
 
 
 def outcome_from_pb(r: worker_pb2.BatchResult) -> BatchOutcome:

@@ -19,6 +19,7 @@ from meshserve.batcher.queue import BatchPolicy, BatchQueue, Plan
 from meshserve.batcher.records import Batch, InferResult, RawTensor, Request
 from meshserve.batcher.stats import ModelStats, Statistics
 from meshserve.batcher.workers import Key, Worker, WorkerPool
+from meshserve.common import tracing
 from meshserve.common.errors import (
     Cancelled,
     Internal,
@@ -92,7 +93,8 @@ class Batcher:
     # ------------------------------------------------------------------ intake
 
     def submit(self, request_id: int, model: str, version: str, inputs: list[RawTensor],
-               outputs: list[str], priority: int, timeout_us: int) -> Request:
+               outputs: list[str], priority: int, timeout_us: int,
+               traceparent: str = "") -> Request:
         """Validates cheaply and queues a request; its future gets an InferResult.
         Raises NotFound, InvalidInput or Overloaded at once (Unavailable when draining)."""
         if self.draining:
@@ -117,7 +119,7 @@ class Batcher:
             request_id=request_id, model=model, version=version, inputs=tuple(ordered),
             outputs=tuple(outputs), rows=n_rows, level=q.level_of(priority), enqueued_s=now,
             deadline_s=q.deadline_of(timeout_us),
-            future=asyncio.get_running_loop().create_future(),
+            future=asyncio.get_running_loop().create_future(), traceparent=traceparent,
         )
         q.put(request)
         mq.rate.observe(n_rows)
@@ -334,8 +336,10 @@ class Batcher:
         r.future.set_result(result)
         code = "OK" if result.error is None else result.error.code_name
         queued = result.queue_ns if result.error is None or result.batch_size else None
-        self.stats.record_request(r.model, r.version, code,
-                                  int((self.now() - r.enqueued_s) * 1e9), queued)
+        total_ns = int((self.now() - r.enqueued_s) * 1e9)
+        self.stats.record_request(r.model, r.version, code, total_ns, queued)
+        if r.traceparent:
+            _trace(r, result, code, total_ns)
 
     def record_rejected(self, model: str, version: str, error: MeshError) -> None:
         """Counts a request refused at intake (only for known model versions)."""
@@ -494,6 +498,21 @@ class Batcher:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+def _trace(r: Request, result: InferResult, code: str, total_ns: int) -> None:
+    """The request's log line (sampled, or an error) and its queue-wait span."""
+    ctx = tracing.parse(r.traceparent)
+    tracing.log_request(
+        log, ctx, "batcher answered request %d for %s version %s: %s, queued %.2f ms, "
+        "batch of %d rows, compute %.2f ms%s", r.request_id, r.model, r.version, code,
+        result.queue_ns / 1e6, result.batch_size, result.compute_ns / 1e6,
+        f" ({result.error})" if result.error is not None else "", error=result.error is not None)
+    now_ns = time.time_ns()
+    start_ns = now_ns - total_ns
+    tracing.record_span("batcher queue", ctx, start_ns, start_ns + result.queue_ns,
+                        error=str(result.error or ""), model=r.model, version=r.version,
+                        batch_size=result.batch_size)
+
+
 def _ordered_inputs(config: ModelConfig, inputs: list[RawTensor]) -> list[RawTensor]:
     """The request's inputs in the model's declared order; every input exactly once."""
     by_name = {t.name: t for t in inputs}
@@ -517,12 +536,15 @@ class Session:
         self._input_ended = False
 
     def submit(self, request_id: int, model: str, version: str, inputs: list[RawTensor],
-               outputs: list[str], priority: int, timeout_us: int) -> None:
+               outputs: list[str], priority: int, timeout_us: int, traceparent: str = "") -> None:
         try:
             request = self.batcher.submit(request_id, model, version, inputs, outputs,
-                                          priority, timeout_us)
+                                          priority, timeout_us, traceparent)
         except MeshError as e:
             self.batcher.record_rejected(model, version, e)
+            tracing.log_request(log, tracing.parse(traceparent),
+                                "batcher refused request %d for %s version %s: %s",
+                                request_id, model, version, e, error=True)
             self._post(InferResult(request_id, e))
             return
         self.pending[request_id] = request

@@ -95,6 +95,7 @@ class Request:
     future: asyncio.Future = field(repr=False)
     seq: int = 0
     cancelled: bool = False
+    traceparent: str = ""  # W3C trace context of the request ("" if none)
 
     @property
     def done(self) -> bool:

@@ -15,7 +15,7 @@ from meshserve.batcher.core import Batcher, BatcherOptions
 from meshserve.batcher.servicer import BatcherServicer
 from meshserve.batcher.stats import Statistics
 from meshserve.batcher.workers import WorkerPool
-from meshserve.common import metrics
+from meshserve.common import metrics, tracing
 from meshserve.common.grpcutil import new_server, set_serving, wait_for_signal
 from meshserve.common.repository import ModelRepository
 from meshserve.common.settings import write_port_file
@@ -83,8 +83,10 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
         adaptive=settings.adaptive,
     )
     batcher = Batcher(repository, pool, options, Statistics(registry))
-    directory = WorkerDirectory(settings.workers, pool, settings.max_in_flight_per_worker)
-    server, port, health = new_server(f"{settings.host}:{settings.port}", [SERVICE_NAME])
+    directory = WorkerDirectory(settings.workers, pool, settings.max_in_flight_per_worker,
+                                transport=settings.transport)
+    server, port, health = new_server(f"{settings.host}:{settings.port}", [SERVICE_NAME],
+                                      transport=settings.transport)
     batcher_pb2_grpc.add_BatcherServicer_to_server(BatcherServicer(batcher), server)
     routing_store.attach(server)  # meshserve.v1.RoutingStore for gateways without Redis
     runtime = Runtime(batcher, pool, directory, health, registry)
@@ -96,6 +98,7 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
 
 
 async def serve(settings: Settings) -> None:
+    tracing.setup("meshserve-batcher", settings.transport.otlp_endpoint)
     server, port, runtime = await create_server(settings)
     metrics_port = metrics.serve(runtime.registry, settings.metrics_port, settings.host)
     await runtime.startup(settings.load, settings.startup_wait_s)

@@ -60,7 +60,7 @@ async def _read(request_iterator, session: Session) -> None:
                     session.fail(r.request_id, e)
                     continue
                 session.submit(r.request_id, r.model, r.version, inputs, list(r.outputs),
-                               r.priority, r.timeout_us)
+                               r.priority, r.timeout_us, r.traceparent)
             for request_id in message.cancelled:
                 session.cancel(request_id)
     finally:

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import grpc
 
 from meshserve.cache.keys import DIGEST_BYTES
+from meshserve.common import tracing
 from meshserve.common.errors import Unavailable
-from meshserve.common.grpcutil import error_from_rpc, insecure_channel, split_targets
+from meshserve.common.grpcutil import channel, error_from_rpc, split_targets
+from meshserve.common.transport import Transport
 from meshserve.pb.meshserve.v1 import cache_pb2, cache_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -132,10 +134,10 @@ class _Link:
 class _Shard:
     """The streams to one cache address: one LookupStream and one StoreStream."""
 
-    def __init__(self, target: str, counters: ClientCounters):
+    def __init__(self, target: str, counters: ClientCounters, transport: Transport | None = None):
         self.target = target
         self.counters = counters
-        self.channel = insecure_channel(target)
+        self.channel = channel(target, transport)
         self.stub = cache_pb2_grpc.CacheStub(self.channel)
         # id -> [(future, number of keys)] in message order
         self._lookups_in_flight: dict[int, list[tuple[asyncio.Future, int]]] = {}
@@ -148,11 +150,14 @@ class _Shard:
             self._store_answered, self._stores_lost, size=len)
 
     def _lookup_message(self, batch: list, message_id: int) -> cache_pb2.LookupRequest:
-        self._lookups_in_flight[message_id] = [(future, len(keys)) for keys, future in batch]
+        self._lookups_in_flight[message_id] = [(future, len(keys)) for keys, future, _ in batch]
         self.counters.lookup_messages += 1
         request = cache_pb2.LookupRequest(id=message_id)
-        for keys, _ in batch:
+        for keys, _, _ in batch:
             request.keys.extend(keys)
+        if any(traceparent for _, _, traceparent in batch):
+            for keys, _, traceparent in batch:
+                request.traceparents.extend([traceparent] * len(keys))
         return request
 
     def _lookup_answered(self, response: cache_pb2.LookupResponse) -> None:
@@ -175,7 +180,7 @@ class _Shard:
             offset += n
 
     def _lookups_lost(self, batch: list) -> None:
-        waiting = [future for _, future in batch]
+        waiting = [future for _, future, _ in batch]
         for entries in self._lookups_in_flight.values():
             waiting.extend(future for future, _ in entries)
         self._lookups_in_flight.clear()
@@ -211,7 +216,8 @@ class CacheClient:
     comma list of addresses: then keys are sharded over them by digest, so a key's
     lookups and stores (and its generation) always meet the same cache replica."""
 
-    def __init__(self, target: str, timeout_s: float = 0.05, admin_timeout_s: float = 10.0):
+    def __init__(self, target: str, timeout_s: float = 0.05, admin_timeout_s: float = 10.0,
+                 transport: Transport | None = None):
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
         self.target = target
@@ -220,12 +226,13 @@ class CacheClient:
             raise ValueError("the cache target is empty")
         self.timeout_s = timeout_s
         self.admin_timeout_s = admin_timeout_s
+        self.transport = transport
         self.counters = ClientCounters()
         self._shards: list[_Shard] = []
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        self._shards = [_Shard(t, self.counters) for t in self.targets]
+        self._shards = [_Shard(t, self.counters, self.transport) for t in self.targets]
         self._tasks = [asyncio.create_task(link.run()) for shard in self._shards
                        for link in (shard.lookup_link, shard.store_link)]
         await asyncio.sleep(0)  # let the streams open
@@ -270,7 +277,9 @@ class CacheClient:
                          ) -> list[cache_pb2.LookupResult]:
         misses = [MISS] * len(keys)
         future = asyncio.get_running_loop().create_future()
-        if shard is None or not shard.lookup_link.submit((keys, future)):
+        # The caller's trace context (tracing.current) goes with its keys.
+        item = (keys, future, tracing.current_traceparent())
+        if shard is None or not shard.lookup_link.submit(item):
             self.counters.failed_keys += len(keys)
             return misses
         try:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meshserve.common import transport
 from meshserve.common.errors import ConfigError
 from meshserve.common.settings import Flags
+from meshserve.common.transport import PLAINTEXT, Transport
 
 MiB = 1024 * 1024
 
@@ -26,6 +28,7 @@ class Settings:
     redis_timeout_ms: int = 50
     redis_pool_size: int = 32
     grace_s: float = 5.0
+    transport: Transport = PLAINTEXT  # TLS (mTLS), compression, OTLP
 
     def __post_init__(self) -> None:
         positive = ("default_ttl_s", "max_entry_bytes", "memory_max_entries", "memory_max_bytes",
@@ -64,6 +67,7 @@ def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) 
     flags.add("--redis-timeout-ms", int, 50, "bound on every Redis call")
     flags.add("--redis-pool-size", int, 32, "Redis connections at most")
     flags.add("--grace-s", float, 5.0, "grace period for in-flight calls on SIGTERM")
+    transport.add_flags(flags)
     a = flags.parse(argv)
     try:
         return Settings(
@@ -72,7 +76,7 @@ def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) 
             default_ttl_s=a.default_ttl_s, max_entry_bytes=a.max_entry_bytes,
             memory_max_entries=a.memory_max_entries, memory_max_bytes=a.memory_max_bytes,
             redis_timeout_ms=a.redis_timeout_ms, redis_pool_size=a.redis_pool_size,
-            grace_s=a.grace_s,
+            grace_s=a.grace_s, transport=transport.from_args(flags, a),
         )
     except ConfigError as exc:
         flags.parser.error(str(exc))

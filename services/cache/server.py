@@ -12,7 +12,7 @@ from meshserve.cache.backends import Backend, MemoryBackend, RedisBackend
 from meshserve.cache.config import Settings
 from meshserve.cache.core import PredictionCache
 from meshserve.cache.servicer import CacheServicer
-from meshserve.common import metrics
+from meshserve.common import metrics, tracing
 from meshserve.common.grpcutil import new_server, set_serving, wait_for_signal
 from meshserve.common.settings import write_port_file
 from meshserve.pb.meshserve.v1 import cache_pb2, cache_pb2_grpc
@@ -40,7 +40,8 @@ async def create_server(
     cache = PredictionCache(backend or make_backend(settings), registry,
                             default_ttl_s=settings.default_ttl_s,
                             max_entry_bytes=settings.max_entry_bytes)
-    server, port, health = new_server(f"{settings.host}:{settings.port}", [SERVICE_NAME])
+    server, port, health = new_server(f"{settings.host}:{settings.port}", [SERVICE_NAME],
+                                      transport=settings.transport)
     cache_pb2_grpc.add_CacheServicer_to_server(CacheServicer(cache), server)
     await server.start()
     return server, port, health, cache
@@ -57,6 +58,7 @@ async def wait_backend_ready(cache: PredictionCache, max_backoff_s: float = 5.0)
 
 
 async def serve(settings: Settings) -> None:
+    tracing.setup("meshserve-cache", settings.transport.otlp_endpoint)
     registry = CollectorRegistry()
     server, port, health, cache = await create_server(settings, registry=registry)
     metrics_port = metrics.serve(registry, settings.metrics_port, addr=settings.host)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -10,8 +12,11 @@ import grpc
 
 from meshserve.cache.backends import Entry, Key
 from meshserve.cache.core import PredictionCache
+from meshserve.common import tracing
 from meshserve.common.grpcutil import grpc_errors
 from meshserve.pb.meshserve.v1 import cache_pb2, cache_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -24,12 +29,28 @@ def _key(k: cache_pb2.CacheKey) -> Key:
     return Key(k.model, k.version, k.digest)
 
 
+def trace_lookups(request: cache_pb2.LookupRequest, results, start_ns: int) -> None:
+    """A log line (sampled requests) and a span per traced key of a lookup message."""
+    end_ns = time.time_ns()
+    for key, result, traceparent in zip(request.keys, results, request.traceparents,
+                                        strict=False):
+        ctx = tracing.parse(traceparent)
+        hit = "hit" if result.hit else "miss"
+        tracing.log_request(log, ctx, "cache lookup %s version %s: %s in %.2f ms", key.model,
+                            key.version, hit, (end_ns - start_ns) / 1e6)
+        tracing.record_span("cache lookup", ctx, start_ns, end_ns, model=key.model,
+                            version=key.version, hit=result.hit)
+
+
 class CacheServicer(cache_pb2_grpc.CacheServicer):
     def __init__(self, cache: PredictionCache):
         self.cache = cache
 
     async def _lookup(self, request: cache_pb2.LookupRequest) -> cache_pb2.LookupResponse:
+        start_ns = time.time_ns()
         results = await self.cache.lookup([_key(k) for k in request.keys])
+        if request.traceparents:
+            trace_lookups(request, results, start_ns)
         return cache_pb2.LookupResponse(id=request.id, results=[
             cache_pb2.LookupResult(hit=r.hit, value=r.value, generation=r.generation)
             for r in results])

@@ -42,6 +42,14 @@ class Internal(MeshError):
     code_name = "INTERNAL"
 
 
+class Unauthenticated(MeshError):
+    code_name = "UNAUTHENTICATED"
+
+
+class PermissionDenied(MeshError):
+    code_name = "PERMISSION_DENIED"
+
+
 class ConfigError(ValueError):
     """An invalid model config or setting; the message names the file and the field."""
 
@@ -57,5 +65,7 @@ ERRORS_BY_CODE_NAME = {
         Cancelled,
         FailedPrecondition,
         Internal,
+        Unauthenticated,
+        PermissionDenied,
     )
 }

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from meshserve.common import errors
+from meshserve.common.transport import PLAINTEXT, Transport
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,49 @@ def insecure_channel(target: str, max_message_bytes: int = 64 * MiB) -> grpc.aio
     return grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
 
 
+def _compression(name: str) -> grpc.Compression:
+    return grpc.Compression.Gzip if name == "gzip" else grpc.Compression.NoCompression
+
+
+def channel(target: str, transport: Transport | None = None, max_message_bytes: int = 64 * MiB,
+            server_name: str = "") -> grpc.aio.Channel:
+    """A channel to another of our services: TLS (mTLS with our own certificate) when the
+    transport has TLS files, plaintext otherwise; compressed as --channel-compression says.
+    server_name: the name the server's certificate must carry when the target is an IP
+    (a worker resolved from dns:///name:port), else the target's host is checked."""
+    t = transport or PLAINTEXT
+    options = channel_options(max_message_bytes)
+    compression = _compression(t.channel_compression)
+    if not t.client_tls:
+        return grpc.aio.insecure_channel(target, options=options, compression=compression)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.aio.secure_channel(target, channel_credentials(t), options=options,
+                                   compression=compression)
+
+
+def channel_credentials(transport: Transport) -> grpc.ChannelCredentials:
+    """Trusts --tls-ca (the system roots without it) and shows --tls-cert when given."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=transport.read(transport.tls_ca),
+        private_key=transport.read(transport.tls_key),
+        certificate_chain=transport.read(transport.tls_cert),
+    )
+
+
+def server_credentials(transport: Transport) -> grpc.ServerCredentials | None:
+    """None: plaintext. With --tls-ca, clients' certificates are checked against it:
+    required (mTLS), optional (checked when shown), or not asked for (none)."""
+    if not transport.server_tls:
+        return None
+    pair = [(transport.read(transport.tls_key), transport.read(transport.tls_cert))]
+    if not transport.tls_ca or transport.tls_client_auth == "none":
+        return grpc.ssl_server_credentials(pair)
+    return grpc.ssl_server_credentials(
+        pair, root_certificates=transport.read(transport.tls_ca),
+        require_client_auth=transport.tls_client_auth == "require")
+
+
 def server_options(max_message_bytes: int = 64 * MiB,
                    reuse_port: bool = False) -> list[tuple[str, object]]:
     """reuse_port: SO_REUSEPORT, so several processes can share one listening port (the
@@ -155,10 +199,16 @@ def new_server(
     service_names: Iterable[str],
     max_message_bytes: int = 64 * MiB,
     reuse_port: bool = False,
+    transport: Transport | None = None,
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """An aio server with grpc.health.v1 (NOT_SERVING until the caller says so) and
-    reflection for the given services. Returns (server, bound port, health servicer)."""
-    server = grpc.aio.server(options=server_options(max_message_bytes, reuse_port))
+    reflection for the given services. Returns (server, bound port, health servicer).
+    transport: TLS / mTLS and the default compression of responses (plaintext without)."""
+    t = transport or PLAINTEXT
+    server = grpc.aio.server(options=server_options(max_message_bytes, reuse_port),
+                             compression=_compression(t.compression),
+                             interceptors=list(interceptors) or None)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
@@ -168,7 +218,11 @@ def new_server(
         server,
         pool=_reflection_pool(),
     )
-    port = server.add_insecure_port(address)
+    credentials = server_credentials(t)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
     return server, port, health_servicer

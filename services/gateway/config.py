@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meshserve.common import transport
 from meshserve.common.errors import ConfigError
 from meshserve.common.settings import Flags
+from meshserve.common.transport import Transport
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,16 @@ class Settings:
     async_result_ttl_s: float = 3600.0
     async_task_ttl_s: float = 3600.0
     async_claim_idle_s: float = 30.0
+    # Protection (gateway/protection.py): API keys (empty: auth off), per-model token
+    # buckets "MODEL=RATE[:BURST],...", and load shedding past this many inferences at once.
+    api_keys_file: str = ""
+    model_rate_limits: str = ""
+    max_concurrent_requests: int = 4096
+    # Requests arriving without a traceparent are sampled (logged per request) this often.
+    trace_sample_ratio: float = 0.0
+    # TLS on the public port (client certificates: --tls-client-auth, none by default),
+    # mTLS to the batcher and cache, compression, OTLP.
+    transport: Transport = Transport(tls_client_auth="none")
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
@@ -44,9 +56,21 @@ class Settings:
             raise ConfigError(f"--cache-timeout-ms: must be >= 1, got {self.cache_timeout_ms}")
         if not self.batcher:
             raise ConfigError("--batcher: the batcher's address is required")
+        if self.max_concurrent_requests < 1:
+            raise ConfigError(f"--max-concurrent-requests: must be >= 1, "
+                              f"got {self.max_concurrent_requests}")
+        self.model_limits()
         if self.async_runners < 0:
             raise ConfigError(f"--async-runners: must be >= 0, got {self.async_runners}")
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise ConfigError(f"--trace-sample-ratio: must be in [0, 1], got "
+                              f"{self.trace_sample_ratio}")
         self.queue_settings()
+
+    def model_limits(self):
+        from meshserve.common.ratelimit import parse_model_limits
+
+        return parse_model_limits(self.model_rate_limits)
 
     def queue_settings(self):
         from meshserve.tasks.records import QueueSettings
@@ -87,5 +111,15 @@ def from_args(argv: list[str] | None = None) -> Settings:
           "an async task not started within this is EXPIRED")
     f.add("--async-claim-idle-s", float, d.async_claim_idle_s,
           "claim an async task whose runner has been silent this long")
+    f.add("--trace-sample-ratio", float, d.trace_sample_ratio,
+          "share of requests without a traceparent that are sampled (logged per request)")
+    transport.add_flags(f, client_auth="none")
+    f.add("--api-keys-file", str, d.api_keys_file,
+          "JSON keys file (hashed API keys, models, priority, rate); empty: no authentication")
+    f.add("--model-rate-limits", str, d.model_rate_limits,
+          "per-model token buckets MODEL=RATE_PER_S[:BURST],... (shared through --redis-url)")
+    f.add("--max-concurrent-requests", int, d.max_concurrent_requests,
+          "inferences in progress at once; past it RESOURCE_EXHAUSTED at once")
     a = f.parse(argv)
-    return Settings(**{k: getattr(a, k) for k in Settings.__dataclass_fields__})
+    return Settings(**{k: getattr(a, k) for k in Settings.__dataclass_fields__ if k != "transport"},
+                    transport=transport.from_args(f, a))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from meshserve.common.grpcutil import grpc_errors, split_targets
+from meshserve.common.transport import Transport
 from meshserve.gateway.core import Gateway
 from meshserve.gateway.routing import Policy
 from meshserve.gateway.routing_store import (
@@ -78,13 +79,13 @@ class RoutingServicer(rpb_grpc.RoutingServicer):
 
 
 def attach(server, gateway: Gateway, registry: CollectorRegistry, redis_url: str,
-           batcher_target: str) -> Router:
+           batcher_target: str, transport: Transport | None = None) -> Router:
     """Serves meshserve.v1.Routing on the gateway's server; policies shared through Redis
     (when redis_url is set) or the (first) batcher's RoutingStore. Start the router after."""
     if redis_url:
         store = RedisPolicyStore(redis_url)
     else:
-        store = BatcherPolicyStore(split_targets(batcher_target)[0])
+        store = BatcherPolicyStore(split_targets(batcher_target)[0], transport=transport)
     router = Router(gateway, registry, store)
     gateway.router = router
     rpb_grpc.add_RoutingServicer_to_server(RoutingServicer(router), server)

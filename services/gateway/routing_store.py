@@ -18,6 +18,7 @@ import grpc
 import redis.asyncio as aioredis
 
 from meshserve.common import grpcutil
+from meshserve.common.transport import Transport
 from meshserve.gateway.routing import AliasSpec, Policy, Target
 from meshserve.gateway.traffic import PolicyStore
 from meshserve.pb.meshserve.v1 import routing_pb2 as rpb
@@ -187,14 +188,15 @@ class BatcherPolicyStore(PolicyStore):
     """The batcher's RoutingStore (with several batcher replicas, use Redis instead: each
     batcher holds its own store)."""
 
-    def __init__(self, target: str, start_wait_s: float = 5.0):
+    def __init__(self, target: str, start_wait_s: float = 5.0, transport: Transport | None = None):
         self.target = target
         self.start_wait_s = start_wait_s
+        self.transport = transport
         self._channel: grpc.aio.Channel | None = None
         self._task: asyncio.Task | None = None
 
     async def start(self, apply: Apply) -> None:
-        self._channel = grpcutil.insecure_channel(self.target)
+        self._channel = grpcutil.channel(self.target, self.transport)
         self.stub = rpb_grpc.RoutingStoreStub(self._channel)
         self.synced = _Synced(apply)
         self._task = asyncio.get_running_loop().create_task(self._watch())

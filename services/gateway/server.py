@@ -9,11 +9,11 @@ from prometheus_client import CollectorRegistry
 
 from meshserve.batcher.client import BatcherClient
 from meshserve.cache.client import CacheClient
-from meshserve.common import grpcutil, metrics
+from meshserve.common import grpcutil, metrics, tracing
 from meshserve.common.grpcutil import MiB
 from meshserve.common.repository import ModelRepository
 from meshserve.common.settings import write_port_file
-from meshserve.gateway import routing_servicer
+from meshserve.gateway import protection, routing_servicer
 from meshserve.gateway.config import Settings
 from meshserve.gateway.core import Gateway
 from meshserve.gateway.servicer import GatewayMetrics, InferenceServicer
@@ -30,25 +30,32 @@ SERVICES = [SERVICE, tasks_server.SERVICE, routing_servicer.SERVICE]
 async def create_server(settings: Settings, registry: CollectorRegistry | None = None):
     """Returns (server, port, health, gateway); the caller starts and stops them."""
     registry = registry or CollectorRegistry()
-    batcher = BatcherClient(settings.batcher)
-    cache = CacheClient(settings.cache, settings.cache_timeout_ms / 1000) if settings.cache else None
+    transport = settings.transport  # TLS / mTLS and compression of the port and the channels
+    batcher = BatcherClient(settings.batcher, transport=transport)
+    cache = (CacheClient(settings.cache, settings.cache_timeout_ms / 1000, transport=transport)
+             if settings.cache else None)
     gateway = Gateway(
         ModelRepository(settings.model_repository), batcher, cache,
         cache_timeout_s=settings.cache_timeout_ms / 1000,
     )
+    # API keys, rate limits, load shedding: one interceptor (gateway/protection.py).
+    gateway.protection = protection.create(settings, registry)
     server, port, health = grpcutil.new_server(
         f"{settings.host}:{settings.port}", SERVICES, settings.max_message_mb * MiB,
-        reuse_port=settings.reuse_port,
+        reuse_port=settings.reuse_port, transport=transport,
+        interceptors=[protection.ProtectionInterceptor(gateway.protection)],
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(gateway, GatewayMetrics(registry), settings.max_stream_concurrency),
+        InferenceServicer(gateway, GatewayMetrics(registry), settings.max_stream_concurrency,
+                          settings.trace_sample_ratio),
         server,
     )
     # Async inference on the same port; gateway.tasks is its AsyncService.
     gateway.tasks = tasks_server.attach(server, gateway, registry, settings.redis_url,
                                         settings.async_runners, settings.queue_settings())
     # Traffic management on the same port; gateway.router applies the policies.
-    routing_servicer.attach(server, gateway, registry, settings.redis_url, settings.batcher)
+    routing_servicer.attach(server, gateway, registry, settings.redis_url, settings.batcher,
+                            transport)
     return server, port, health, gateway
 
 
@@ -63,6 +70,7 @@ async def _wait_for_batcher(gateway: Gateway) -> None:
 
 async def serve(settings: Settings) -> None:
     registry = CollectorRegistry()
+    tracing.setup("meshserve-gateway", settings.transport.otlp_endpoint)
     server, port, health, gateway = await create_server(settings, registry)
     await gateway.batcher.start()
     if gateway.cache is not None:
@@ -81,6 +89,7 @@ async def serve(settings: Settings) -> None:
     await grpcutil.set_serving(health, SERVICES, False)
     await asyncio.gather(server.stop(settings.grace_s), gateway.tasks.stop(settings.grace_s))
     await gateway.router.close()
+    await gateway.protection.close()
     await gateway.batcher.close()
     if gateway.cache is not None:
         await gateway.cache.close()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from meshserve import __version__
-from meshserve.common import errors
+from meshserve.common import errors, tracing
 from meshserve.common.grpcutil import STATUS_OF, grpc_errors
 from meshserve.gateway import convert
 from meshserve.gateway.core import Gateway, InferCall, InferOutcome
@@ -98,19 +99,35 @@ async def infer_message(gateway: Gateway, request: pb.ModelInferRequest,
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, gateway: Gateway, metrics: GatewayMetrics, max_stream_concurrency: int):
+    def __init__(self, gateway: Gateway, metrics: GatewayMetrics, max_stream_concurrency: int,
+                 trace_sample_ratio: float = 0.0):
         self.gateway = gateway
         self.metrics = metrics
         self.max_stream_concurrency = max_stream_concurrency
+        self.trace_sample_ratio = trace_sample_ratio
+
+    def _trace(self, context) -> tracing.TraceContext:
+        """The client's traceparent (metadata), else a new trace sampled at the ratio."""
+        return tracing.incoming(context.invocation_metadata(), self.trace_sample_ratio)
 
     async def _infer(self, request: pb.ModelInferRequest, time_remaining,
-                     key: str = "") -> pb.ModelInferResponse:
+                     key: str = "", trace: tracing.TraceContext | None = None
+                     ) -> pb.ModelInferResponse:
         started = time.perf_counter()
-        code = "OK"
+        code, detail = "OK", ""
+        trace = trace or tracing.new_context(False)
         try:
-            return await infer_message(self.gateway, request, time_remaining, key)
+            # The batcher and cache clients read the context (tracing.current) of this task.
+            with tracing.span("gateway ModelInfer", trace, model=request.model_name) as hop, \
+                    tracing.use(hop):
+                response = await infer_message(self.gateway, request, time_remaining, key)
+            tracing.log_request(
+                log, trace, "ModelInfer %s version %s: OK in %.2f ms (cache_hit %s)",
+                request.model_name, response.model_version, (time.perf_counter() - started) * 1e3,
+                response.parameters["cache_hit"].bool_param)
+            return response
         except errors.MeshError as e:
-            code = STATUS_OF.get(type(e), grpc.StatusCode.INTERNAL).name
+            code, detail = STATUS_OF.get(type(e), grpc.StatusCode.INTERNAL).name, str(e)
             raise
         except asyncio.CancelledError:
             code = "CANCELLED"
@@ -119,25 +136,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             code = "INTERNAL"
             raise
         finally:
+            if code != "OK":
+                tracing.log_request(log, trace, "ModelInfer %s version %r: %s in %.2f ms: %s",
+                                    request.model_name, request.model_version, code,
+                                    (time.perf_counter() - started) * 1e3, detail, error=True)
             model = request.model_name if code != "NOT_FOUND" else "_unknown"
             self.metrics.requests.labels(model, code).inc()
             self.metrics.seconds.labels(model).observe(time.perf_counter() - started)
 
     @grpc_errors
     async def ModelInfer(self, request, context):
-        return await self._infer(request, context.time_remaining(), route_key(context))
+        return await self._infer(request, context.time_remaining(), route_key(context),
+                                 self._trace(context))
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests on one stream run concurrently (bounded); each response or error is
         written as it completes. An error answers that request only: the stream goes on."""
         out: asyncio.Queue = asyncio.Queue()
         key = route_key(context)
+        # A traceparent on the stream's metadata covers every request on it; else each
+        # request starts its own trace.
+        stream_trace = tracing.from_metadata(context.invocation_metadata())
         slots = asyncio.Semaphore(self.max_stream_concurrency)
         tasks: set[asyncio.Task] = set()
 
         async def one(request):
             try:
-                response = await self._infer(request, context.time_remaining(), key)
+                trace = stream_trace or tracing.new_context(
+                    random.random() < self.trace_sample_ratio)
+                response = await self._infer(request, context.time_remaining(), key, trace)
                 await out.put(pb.ModelStreamInferResponse(infer_response=response))
             except errors.MeshError as e:
                 await out.put(_stream_error(request, str(e)))

@@ -6,7 +6,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshserve.common import transport
 from meshserve.common.settings import Flags, parse_list
+from meshserve.common.transport import PLAINTEXT, Transport
 
 DEFAULT_PORT = 8021
 DEFAULT_METRICS_PORT = 8022
@@ -36,6 +38,7 @@ class Settings:
     load: tuple[str, ...] = ()
     worker_id: str | None = None
     grace_s: float = 5.0
+    transport: Transport = PLAINTEXT  # TLS (mTLS), compression, OTLP
 
     @property
     def max_memory_bytes(self) -> int:
@@ -81,6 +84,7 @@ def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) 
     flags.add("--load", parse_list, (), "models to load at start: name, name:version or all")
     flags.add("--worker-id", str, None, "name reported in status (default hostname:port)")
     flags.add("--grace-s", float, 5.0, "seconds in-flight batches get to finish on SIGTERM")
+    transport.add_flags(flags)
     a = flags.parse(argv)
 
     def check(ok: bool, message: str) -> None:
@@ -113,5 +117,5 @@ def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) 
         log_level=a.log_level.upper(), device=device, model_repository=a.model_repository,
         max_models=a.max_models, max_memory_mb=a.max_memory_mb, threads=a.threads,
         max_in_flight=a.max_in_flight, cuda_graphs=a.cuda_graphs, load=tuple(a.load),
-        worker_id=a.worker_id, grace_s=a.grace_s,
+        worker_id=a.worker_id, grace_s=a.grace_s, transport=transport.from_args(flags, a),
     )

@@ -20,6 +20,7 @@ def batch_from_pb(b: worker_pb2.Batch) -> BatchRequest:
     return BatchRequest(
         batch_id=b.batch_id, model=b.model, version=b.version,
         inputs=tuple(tensor_from_pb(t) for t in b.inputs), outputs=tuple(b.outputs),
+        traceparents=tuple(b.traceparents),
     )
 
 
@@ -27,6 +28,7 @@ def batch_to_pb(b: BatchRequest) -> worker_pb2.Batch:
     return worker_pb2.Batch(
         batch_id=b.batch_id, model=b.model, version=b.version,
         inputs=[tensor_to_pb(t) for t in b.inputs], outputs=list(b.outputs),
+        traceparents=list(b.traceparents),
     )
 
 

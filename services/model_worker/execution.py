@@ -32,6 +32,8 @@ class BatchRequest:
     inputs: tuple[RawTensor, ...]
     # Outputs to return; empty: every output of the model.
     outputs: tuple[str, ...] = ()
+    # W3C traceparents of the requests in the batch (for logs and spans).
+    traceparents: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

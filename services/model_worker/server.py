@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from meshserve.common import metrics
+from meshserve.common import metrics, tracing
 from meshserve.common.grpcutil import new_server, set_serving, wait_for_signal
 from meshserve.common.repository import ModelRepository
 from meshserve.common.settings import write_port_file
@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 async def create_server(settings: Settings):
     """(server, port, worker, health servicer); nothing loaded, health NOT_SERVING."""
     repository = ModelRepository(settings.model_repository)
-    server, port, health = new_server(f"{settings.host}:{settings.port}", [SERVICE_NAME])
+    server, port, health = new_server(f"{settings.host}:{settings.port}", [SERVICE_NAME],
+                                      transport=settings.transport)
     torch.set_num_threads(settings.threads)
     worker = Worker(
         repository,
@@ -51,6 +52,7 @@ async def start(settings: Settings):
 
 
 async def serve(settings: Settings) -> None:
+    tracing.setup("meshserve-worker", settings.transport.otlp_endpoint)
     server, port, worker, health = await start(settings)
     metrics_port = metrics.serve(worker.metrics.registry, settings.metrics_port, settings.host)
     write_port_file(settings.port_file, grpc=port, metrics=metrics_port)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meshserve.common import transport
 from meshserve.common.errors import ConfigError
 from meshserve.common.settings import Flags
+from meshserve.common.transport import PLAINTEXT, Transport
 from meshserve.tasks.records import QueueSettings
 
 
@@ -30,6 +32,7 @@ class Settings:
     max_deliveries: int = 3
     key_prefix: str = "meshserve:tasks"
     grace_s: float = 5.0
+    transport: Transport = PLAINTEXT  # TLS (mTLS), compression, OTLP
 
     def __post_init__(self) -> None:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -74,9 +77,11 @@ def from_args(argv: list[str] | None = None) -> Settings:
           "deliveries before a task is dead-lettered (FAILED)")
     f.add("--key-prefix", str, d["key_prefix"].default, "prefix of every Redis key")
     f.add("--grace-s", float, 5.0, "drain time on SIGTERM")
+    transport.add_flags(f)
     a = f.parse(argv)
     try:
-        return Settings(**{k: getattr(a, k) for k in d})
+        return Settings(**{k: getattr(a, k) for k in d if k != "transport"},
+                        transport=transport.from_args(f, a))
     except ConfigError as e:
         f.parser.error(str(e))
         raise

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from meshserve.batcher.client import BatcherClient
 from meshserve.cache.client import CacheClient
-from meshserve.common import grpcutil, metrics
+from meshserve.common import grpcutil, metrics, tracing
 from meshserve.common.repository import ModelRepository
 from meshserve.common.settings import write_port_file
 from meshserve.gateway.core import Gateway
@@ -83,18 +83,22 @@ def attach(server, gateway: Gateway, registry: CollectorRegistry, redis_url: str
 async def create_server(settings: Settings, registry: CollectorRegistry | None = None):
     """Returns (server, port, health, service): health only on the gRPC port."""
     registry = registry or CollectorRegistry()
-    batcher = BatcherClient(settings.batcher)
-    cache = CacheClient(settings.cache, settings.cache_timeout_ms / 1000) if settings.cache else None
+    transport = settings.transport
+    batcher = BatcherClient(settings.batcher, transport=transport)
+    cache = (CacheClient(settings.cache, settings.cache_timeout_ms / 1000, transport=transport)
+             if settings.cache else None)
     gateway = Gateway(ModelRepository(settings.model_repository), batcher, cache,
                       cache_timeout_s=settings.cache_timeout_ms / 1000)
     service = AsyncService(gateway, registry, settings.redis_url, settings.runners,
                            settings.queue_settings(), settings.concurrency)
-    server, port, health = grpcutil.new_server(f"{settings.host}:{settings.port}", [])
+    server, port, health = grpcutil.new_server(f"{settings.host}:{settings.port}", [],
+                                               transport=transport)
     return server, port, health, service
 
 
 async def serve(settings: Settings) -> None:
     registry = CollectorRegistry()
+    tracing.setup("meshserve-async-runner", settings.transport.otlp_endpoint)
     server, port, health, service = await create_server(settings, registry)
     gateway = service.path.gateway
     await gateway.batcher.start()

@@ -34,7 +34,7 @@ METRICS_PORTS = {"gateway": 8002, "batcher": 8012, "worker": 8022, "cache": 8032
 OLDEST_KUBERNETES = "1.27.0"  # native gRPC probes are GA from 1.27 on
 
 BASE_KINDS = {
-    "Namespace": 1, "ServiceAccount": 5, "ConfigMap": 5, "Service": 5,
+    "Namespace": 1, "ServiceAccount": 5, "ConfigMap": 5, "Secret": 1, "Service": 5,
     "PersistentVolumeClaim": 1, "Deployment": 4, "StatefulSet": 1,
     "PodDisruptionBudget": 4, "HorizontalPodAutoscaler": 1, "NetworkPolicy": 6,
 }

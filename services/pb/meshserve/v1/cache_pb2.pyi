@@ -18,12 +18,14 @@ class CacheKey(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., digest: _Optional[bytes] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("id", "keys")
+    __slots__ = ("id", "keys", "traceparents")
     ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENTS_FIELD_NUMBER: _ClassVar[int]
     id: int
     keys: _containers.RepeatedCompositeFieldContainer[CacheKey]
-    def __init__(self, id: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[CacheKey, _Mapping]]] = ...) -> None: ...
+    traceparents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[CacheKey, _Mapping]]] = ..., traceparents: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LookupResult(_message.Message):
     __slots__ = ("hit", "value", "generation")

@@ -1,0 +1,400 @@
+"""The gateway's protection: API keys, per-model permissions, rate limits and a concurrency
+limit, applied by ONE server interceptor on the gateway's port.
+
+- Authentication: gRPC metadata `authorization: Bearer <key>`, looked up by its SHA-256 in
+  the keys file (common.auth.KeyStore): missing, malformed or unknown -> UNAUTHENTICATED.
+- Permission: the model comes from the request message, per method (MODEL_OF below; each
+  message of a ModelStreamInfer): a model the key may not use -> PERMISSION_DENIED.
+- Inference (ModelInfer, each ModelStreamInfer message, AsyncInference Submit/SubmitBatch):
+  the key's default priority when the request sets none; then a token from the key's and the
+  model's buckets (common.ratelimit), refused with RESOURCE_EXHAUSTED and `retry-after-ms`
+  in the trailing metadata (and the message); ModelInfer and stream messages also count
+  against --max-concurrent-requests (shed at once past it).
+- grpc.health.v1 and reflection stay open.
+A refused stream message is answered on the stream (error_message, plus the parameter
+`retry_after_ms`); the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from meshserve.common.auth import ApiKey, KeyStore
+from meshserve.common.ratelimit import Bucket, LocalLimiter, RateLimit, RedisLimiter
+from meshserve.pb.inference import grpc_service_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+INFERENCE = "/inference.GRPCInferenceService/"
+ASYNC = "/meshserve.v1.AsyncInference/"
+ROUTING = "/meshserve.v1.Routing/"
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+MODEL_INFER = INFERENCE + "ModelInfer"
+MODEL_STREAM_INFER = INFERENCE + "ModelStreamInfer"
+SUBMIT = ASYNC + "Submit"
+SUBMIT_BATCH = ASYNC + "SubmitBatch"
+
+# Model-scoped management calls: the models a request names ("" = every model: needs "*").
+MODEL_OF: dict[str, Callable[[object], list[str]]] = {
+    INFERENCE + "ModelReady": lambda r: [r.name],
+    INFERENCE + "ModelMetadata": lambda r: [r.name],
+    INFERENCE + "ModelConfig": lambda r: [r.name],
+    INFERENCE + "ModelStatistics": lambda r: [r.name],
+    INFERENCE + "RepositoryModelLoad": lambda r: [r.model_name],
+    INFERENCE + "RepositoryModelUnload": lambda r: [r.model_name],
+    ROUTING + "Get": lambda r: [r.model],
+    ROUTING + "Set": lambda r: [r.policy.model],
+    ROUTING + "Promote": lambda r: [r.model],
+    ROUTING + "Watch": lambda r: [r.model],
+}
+
+
+class ProtectionMetrics:
+    def __init__(self, registry: CollectorRegistry, inflight: Callable[[], float]):
+        self.auth_failures = Counter(
+            "meshserve_gateway_auth_failures", "Requests refused by authentication or permission",
+            ["reason"], registry=registry)
+        self.rate_limited = Counter(
+            "meshserve_gateway_rate_limited", "Requests refused by a rate or concurrency limit",
+            ["scope"], registry=registry)
+        self.inflight = Gauge("meshserve_gateway_inflight_requests",
+                              "Inferences in progress at this gateway", registry=registry)
+        self.inflight.set_function(inflight)
+
+
+@dataclass(frozen=True, slots=True)
+class Denied:
+    code: grpc.StatusCode
+    message: str
+    retry_after_ms: int | None = None
+
+    def trailing_metadata(self) -> tuple:
+        if self.retry_after_ms is None:
+            return ()
+        return (("retry-after-ms", str(self.retry_after_ms)),)
+
+
+class Protection:
+    """The checks themselves (the interceptor below applies them to calls)."""
+
+    def __init__(self, keys: KeyStore | None, model_limits: dict[str, RateLimit],
+                 max_concurrent: int, registry: CollectorRegistry, redis_url: str = ""):
+        self.keys = keys
+        self.model_buckets = {m: Bucket(f"model:{m}", lim, "model")
+                              for m, lim in model_limits.items()}
+        self.max_concurrent = max_concurrent
+        self.inflight = 0
+        self.metrics = ProtectionMetrics(registry, lambda: self.inflight)
+        # Limits may exist (per model, or per key: keys files reload), so a limiter too.
+        self.limiting = bool(model_limits) or keys is not None
+        self.limiter = (RedisLimiter(redis_url) if redis_url else LocalLimiter()) \
+            if self.limiting else None
+
+    @property
+    def auth(self) -> bool:
+        return self.keys is not None
+
+    async def close(self) -> None:
+        if self.limiter is not None:
+            await self.limiter.close()
+
+    # ------------------------------------------------------------------ the checks
+
+    def authenticate(self, metadata) -> ApiKey | Denied | None:
+        """The caller's key (None when auth is off) or why it is refused."""
+        if self.keys is None:
+            return None
+        value = None
+        for k, v in metadata or ():
+            if k == "authorization":
+                value = v if isinstance(v, str) else v.decode(errors="replace")
+                break
+        if value is None:
+            return self._unauthenticated("missing", "missing 'authorization: Bearer <key>' metadata")
+        scheme, _, token = value.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return self._unauthenticated("malformed", "malformed authorization metadata: "
+                                         "expected 'Bearer <key>'")
+        key = self.keys.current().lookup(token)
+        if key is None:
+            return self._unauthenticated("unknown_key", "unknown API key")
+        return key
+
+    def _unauthenticated(self, reason: str, message: str) -> Denied:
+        self.metrics.auth_failures.labels(reason).inc()
+        return Denied(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    def authorize(self, key: ApiKey | None, models: list[str]) -> Denied | None:
+        if key is None:
+            return None
+        for model in models:
+            if not key.allows(model):
+                self.metrics.auth_failures.labels("forbidden_model").inc()
+                what = f"model '{model}'" if model else "every model (no model named)"
+                return Denied(grpc.StatusCode.PERMISSION_DENIED,
+                              f"API key '{key.name}' may not use {what}")
+        return None
+
+    def acquire(self) -> Denied | None:
+        """One concurrency slot (release() it after the inference) or a refusal."""
+        if self.inflight >= self.max_concurrent:
+            self.metrics.rate_limited.labels("concurrency").inc()
+            return Denied(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"gateway overloaded: {self.max_concurrent} requests in progress")
+        self.inflight += 1
+        return None
+
+    def release(self) -> None:
+        self.inflight -= 1
+
+    async def admit(self, key: ApiKey | None, requests: list[pb.ModelInferRequest]) -> Denied | None:
+        """Permission, the key's default priority, then one token per request."""
+        models = [r.model_name for r in requests]
+        denied = self.authorize(key, models)
+        if denied is not None:
+            return denied
+        if key is not None and key.priority:
+            for r in requests:
+                if "priority" not in r.parameters:
+                    r.parameters["priority"].int64_param = key.priority
+        if self.limiter is None:
+            return None
+        buckets = []
+        if key is not None and key.limit is not None:
+            buckets.append(Bucket(f"key:{key.name}", key.limit, "key"))
+        for model in dict.fromkeys(models):
+            bucket = self.model_buckets.get(model)
+            if bucket is not None:
+                buckets.append(bucket)
+        if not buckets:
+            return None
+        refusal = await self.limiter.take(buckets, len(requests))
+        if refusal is None:
+            return None
+        self.metrics.rate_limited.labels(refusal.scope).inc()
+        who = f"API key '{key.name}'" if refusal.scope == "key" and key else "the model"
+        if math.isinf(refusal.retry_after_s):
+            return Denied(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"rate limit of {who}: {len(requests)} requests at once exceed its burst")
+        retry_ms = max(1, math.ceil(refusal.retry_after_s * 1000))
+        return Denied(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"rate limit of {who} exceeded: retry after {retry_ms} ms", retry_ms)
+
+
+def _stream_error(request: pb.ModelInferRequest, denied: Denied) -> pb.ModelStreamInferResponse:
+    response = pb.ModelStreamInferResponse(
+        error_message=denied.message,
+        infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
+    if denied.retry_after_ms is not None:
+        response.infer_response.parameters["retry_after_ms"].int64_param = denied.retry_after_ms
+    return response
+
+
+async def _abort(context, denied: Denied):
+    await context.abort(denied.code, denied.message, trailing_metadata=denied.trailing_metadata())
+
+
+class ProtectionInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps each method's handler once (cached per method); the wrapper authenticates
+    from the call's metadata and applies the method's checks to its request message."""
+
+    def __init__(self, protection: Protection):
+        self.protection = protection
+        self._handlers: dict[str, tuple[object, object]] = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(OPEN_PREFIXES):
+            return handler
+        cached = self._handlers.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, self._wrap(method, handler))
+            self._handlers[method] = cached
+        return cached[1]
+
+    def _wrap(self, method: str, handler):
+        p = self.protection
+        if method == MODEL_INFER:
+            return _unary(handler, self._infer(handler.unary_unary))
+        if method == MODEL_STREAM_INFER:
+            return _stream_stream(handler, self._stream_infer(handler.stream_stream))
+        if method in (SUBMIT, SUBMIT_BATCH) and (p.auth or p.limiting):
+            if method == SUBMIT:
+                def requests(r):
+                    return [r.request]
+            else:
+                def requests(r):
+                    return [s.request for s in r.requests]
+            return _unary(handler, self._submit(handler.unary_unary, requests))
+        if not p.auth:
+            return handler  # management calls: nothing to check without keys
+        model_of = MODEL_OF.get(method)
+        return _any(handler, self._authenticated(handler, model_of))
+
+    def _infer(self, inner):
+        p = self.protection
+
+        async def infer(request, context):
+            key = p.authenticate(context.invocation_metadata())
+            if isinstance(key, Denied):
+                return await _abort(context, key)
+            denied = p.acquire()
+            if denied is not None:
+                return await _abort(context, denied)
+            try:
+                if key is not None or p.limiting:
+                    denied = await p.admit(key, [request])
+                    if denied is not None:
+                        return await _abort(context, denied)
+                return await inner(request, context)
+            finally:
+                p.release()
+
+        return infer
+
+    def _submit(self, inner, requests):
+        p = self.protection
+
+        async def submit(request, context):
+            key = p.authenticate(context.invocation_metadata())
+            if isinstance(key, Denied):
+                return await _abort(context, key)
+            denied = await p.admit(key, requests(request))
+            if denied is not None:
+                return await _abort(context, denied)
+            return await inner(request, context)
+
+        return submit
+
+    def _stream_infer(self, inner):
+        """Each message: admitted (then counted until its response) or answered at once
+        with its refusal; responses of the servicer and refusals merge into one stream."""
+        p = self.protection
+        done = object()
+
+        async def stream(request_iterator, context):
+            key = p.authenticate(context.invocation_metadata())
+            if isinstance(key, Denied):
+                await _abort(context, key)
+                return
+            out: asyncio.Queue = asyncio.Queue()
+            pending = 0  # admitted, not answered yet
+
+            async def admitted():
+                nonlocal pending
+                async for request in request_iterator:
+                    denied = p.acquire()
+                    if denied is None:
+                        denied = await p.admit(key, [request])
+                        if denied is not None:
+                            p.release()
+                    if denied is not None:
+                        out.put_nowait(_stream_error(request, denied))
+                        continue
+                    pending += 1
+                    yield request
+
+            async def pump():
+                nonlocal pending
+                try:
+                    async for response in inner(admitted(), context):
+                        pending -= 1
+                        p.release()
+                        out.put_nowait(response)
+                finally:
+                    out.put_nowait(done)
+
+            task = asyncio.create_task(pump())
+            try:
+                while (item := await out.get()) is not done:
+                    yield item
+                await task
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                for _ in range(pending):
+                    p.release()
+                pending = 0
+
+        return stream
+
+    def _authenticated(self, handler, model_of):
+        """Any other call: a valid key, and permission for the models it names."""
+        p = self.protection
+        inner = _behavior(handler)
+        streaming = handler.response_streaming
+
+        async def check(request, context) -> bool:
+            key = p.authenticate(context.invocation_metadata())
+            if isinstance(key, Denied):
+                await _abort(context, key)
+            if model_of is not None and not handler.request_streaming:
+                denied = p.authorize(key, model_of(request))
+                if denied is not None:
+                    await _abort(context, denied)
+            return True
+
+        if streaming:
+            async def gen(request, context):
+                await check(request, context)
+                async for item in inner(request, context):
+                    yield item
+            return gen
+
+        async def unary(request, context):
+            await check(request, context)
+            return await inner(request, context)
+        return unary
+
+
+def _behavior(handler):
+    return (handler.unary_unary or handler.unary_stream or handler.stream_unary
+            or handler.stream_stream)
+
+
+def _unary(handler, behavior):
+    return grpc.unary_unary_rpc_method_handler(
+        behavior, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)
+
+
+def _stream_stream(handler, behavior):
+    return grpc.stream_stream_rpc_method_handler(
+        behavior, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)
+
+
+def _any(handler, behavior):
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return make(behavior, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+def create(settings, registry: CollectorRegistry) -> Protection:
+    """The gateway's Protection from its settings; a bad keys file fails here (at start)
+    with a ConfigError naming the file and the field."""
+    keys = KeyStore(settings.api_keys_file) if settings.api_keys_file else None
+    p = Protection(keys, settings.model_limits(), settings.max_concurrent_requests, registry,
+                   settings.redis_url)
+    log.info("protection: auth %s, model limits %s, max %d concurrent inferences, limits %s",
+             f"on ({settings.api_keys_file})" if keys else "off",
+             settings.model_rate_limits or "none", settings.max_concurrent_requests,
+             "shared through Redis" if settings.redis_url and p.limiting else "in memory")
+    return p

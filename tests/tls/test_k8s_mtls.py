@@ -1,0 +1,73 @@
+"""deploy/k8s/components/mtls rendered over the CPU overlay (tests/tls/k8s-mtls): every
+meshserve pod mounts the TLS Secret, every service is pointed at it, and no probe is left
+that would speak plaintext to a TLS port."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml", reason="PyYAML comes with the dev extra")
+
+HERE = Path(__file__).resolve().parent
+TIERS = {"gateway": 8001, "batcher": 8011, "worker": 8021, "cache": 8031}
+TLS_DIR = "/etc/meshserve/tls"
+
+
+@pytest.fixture(scope="module")
+def objects() -> list[dict]:
+    if shutil.which("kubectl"):
+        command = ["kubectl", "kustomize"]
+    elif shutil.which("kustomize"):
+        command = ["kustomize", "build"]
+    else:
+        pytest.skip("needs kubectl (kustomize built in) or kustomize on the PATH")
+    text = subprocess.run([*command, str(HERE / "k8s-mtls")], check=True, capture_output=True,
+                          text=True, timeout=120).stdout
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def find(objects, kind: str, name: str) -> dict:
+    [found] = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    return found
+
+
+def config_of(objects, deployment: dict) -> dict:
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    [ref] = container["envFrom"]
+    return find(objects, "ConfigMap", ref["configMapRef"]["name"])["data"]
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_every_tier_serves_and_calls_with_the_mounted_certificates(objects, tier):
+    deployment = find(objects, "Deployment", f"meshserve-{tier}")
+    pod = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "meshserve-tls"
+    [container] = pod["containers"]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["tls"]["mountPath"] == TLS_DIR and mounts["tls"]["readOnly"]
+    env = config_of(objects, deployment)
+    assert env["MESHSERVE_TLS_CERT"] == f"{TLS_DIR}/tls.crt"
+    assert env["MESHSERVE_TLS_KEY"] == f"{TLS_DIR}/tls.key"
+    assert env["MESHSERVE_TLS_CA"] == f"{TLS_DIR}/ca.crt"
+    # mTLS inside; the public gateway does not ask external clients for a certificate.
+    assert env["MESHSERVE_TLS_CLIENT_AUTH"] == ("none" if tier == "gateway" else "require")
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_no_plaintext_grpc_probe_is_left(objects, tier):
+    [container] = find(objects, "Deployment", f"meshserve-{tier}")["spec"]["template"]["spec"][
+        "containers"]
+    readiness = container["readinessProbe"]
+    assert readiness["exec"]["command"] == [
+        "python", "-m", "meshserve.common.healthcheck", "--port", str(TIERS[tier]),
+        "--server-name", f"meshserve-{tier}"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "grpc" not in container[probe], f"{tier} {probe}"
+    service = find(objects, "Service", f"meshserve-{tier}")
+    grpc_port = [p for p in service["spec"]["ports"] if p["name"] == "grpc"][0]
+    assert "appProtocol" not in grpc_port  # no longer cleartext HTTP/2 (h2c)
