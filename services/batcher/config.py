@@ -20,7 +20,7 @@ class Settings:
     model_repository: str = "models"
     load: tuple[str, ...] = ()  # model names, or ("all",)
     max_retries: int = 2
-    max_in_flight_per_worker: int = 0  # 0: 1 on a CPU worker, 2 on a GPU worker
+    max_in_flight_per_worker: int = 0  # 0: by device and batch cost (workers.Worker.slots)
     # Overrides of the model configs' batching (0 / None: the config's).
     max_batch_size: int = 0
     max_queue_delay_us: int = 0
@@ -67,7 +67,7 @@ def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) 
     f.add("--load", parse_list, (), "models to make sure are loaded at start: names, or all")
     f.add("--max-retries", int, 2, "retries of a batch whose worker failed")
     f.add("--max-in-flight-per-worker", int, 0,
-          "batches in flight on one worker (0: 1 on CPU workers, 2 on GPU workers)")
+          "batches in flight on one worker (0: 2 on a GPU; on a CPU 1, or 2 once batches take >= 2 ms)")
     f.add("--max-batch-size", int, 0, "override of the configs' max_batch_size (0: config)")
     f.add("--max-queue-delay-us", int, 0, "override of max_queue_delay_us (0: config)")
     f.add("--max-queue-size", int, 0, "override of max_queue_size (0: config)")

@@ -19,6 +19,9 @@ from meshserve.batcher.records import Batch, BatchOutcome
 Key = tuple[str, str]  # (model, version)
 
 
+# A batch computing at least this long is heavy (see Worker.slots).
+HEAVY_BATCH_S = 0.002
+
 @dataclass(frozen=True, slots=True)
 class HeldModel:
     model: str
@@ -84,20 +87,22 @@ class Worker:
     def ready(self, key: Key) -> bool:
         return self.state_of(key) == "READY"
 
-    @property
-    def slots(self) -> int:
-        """Batches in flight at once. By default one on a CPU worker: a second batch would
-        compete for the cores the rest of the mesh needs and run smaller batches, while
-        with one in flight the queue fills during compute. Two on a GPU, so the copies of
-        one batch overlap the compute of the other."""
+    def slots(self, key: Key) -> int:
+        """Batches of a model in flight at once on this worker. By default two on a GPU
+        (the copies of one batch overlap the compute of the other). On a CPU, one while a
+        batch computes faster than HEAVY_BATCH_S: a second small batch would only compete
+        for the cores the rest of the mesh needs, while with one in flight the queue
+        fills during compute; two once batches are heavy, so that two cores compute."""
         if self.max_in_flight:
             return self.max_in_flight
-        device = self.report.device if self.report is not None else "cpu"
-        return 2 if device.startswith("cuda") else 1
+        if self.report is not None and self.report.device.startswith("cuda"):
+            return 2
+        measured = self.profiles[key].measured() if key in self.profiles else {}
+        heavy = measured and max(measured.values()) >= HEAVY_BATCH_S
+        return 2 if heavy else 1
 
-    @property
-    def free_slots(self) -> int:
-        return self.slots - self.outstanding
+    def free_slots(self, key: Key) -> int:
+        return self.slots(key) - self.outstanding
 
     def free_memory_bytes(self) -> int:
         if self.report is None or not self.report.memory_limit_bytes:
@@ -164,7 +169,7 @@ class WorkerPool:
 
     def pick(self, key: Key, exclude: frozenset[str] = frozenset()) -> Worker | None:
         """The READY worker with a free slot and the least outstanding work."""
-        free = [w for w in self.holders(key) if w.free_slots > 0 and w.address not in exclude]
+        free = [w for w in self.holders(key) if w.free_slots(key) > 0 and w.address not in exclude]
         if not free:
             return None
         return min(free, key=lambda w: (w.outstanding, w.address))
