@@ -82,17 +82,8 @@ class AsyncClient:
         request_id: str = "",
         route_key: str = "",
     ) -> InferResult:
-        request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
-        for name, array in inputs.items():
-            dtype, shape, data = raw_bytes(np.asarray(array))
-            request.inputs.add(name=name, datatype=dtype, shape=shape)
-            request.raw_input_contents.append(data)
-        for name in outputs:
-            request.outputs.add(name=name)
-        if priority:
-            request.parameters["priority"].int64_param = priority
-        if not use_cache:
-            request.parameters["cache"].bool_param = False
+        request = infer_request(model, inputs, outputs, version, priority, None, use_cache)
+        request.id = request_id
         metadata = (("x-route-key", route_key),) if route_key else None
         response = await self.stub.ModelInfer(request, timeout=timeout_s, metadata=metadata)
         return infer_result(response)
@@ -151,7 +142,7 @@ class AsyncClient:
     ) -> str:
         """Queues one inference; its task id. timeout_s counts from submission: a task not
         done by then is EXPIRED (if still waiting) or FAILED (DEADLINE_EXCEEDED)."""
-        request = task_request(model, inputs, outputs, version, priority, timeout_s, use_cache)
+        request = infer_request(model, inputs, outputs, version, priority, timeout_s, use_cache)
         reply = await self.tasks_stub.Submit(
             apb.SubmitRequest(request=request, idempotency_key=idempotency_key))
         return reply.task_id
@@ -167,7 +158,7 @@ class AsyncClient:
         """Queues one task per item of batch (all or none); their ids in order."""
         keys = list(idempotency_keys) or [""] * len(batch)
         requests = [
-            apb.SubmitRequest(request=task_request(model, inputs, outputs, version),
+            apb.SubmitRequest(request=infer_request(model, inputs, outputs, version),
                               idempotency_key=key)
             for inputs, key in zip(batch, keys, strict=True)
         ]
@@ -334,9 +325,11 @@ class TaskResult:
         return self.state in ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
 
 
-def task_request(model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] = (),
-                 version: str = "", priority: int = 0, timeout_s: float | None = None,
-                 use_cache: bool = True) -> pb.ModelInferRequest:
+def infer_request(model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] = (),
+                  version: str = "", priority: int = 0, timeout_s: float | None = None,
+                  use_cache: bool = True) -> pb.ModelInferRequest:
+    """A ModelInferRequest with raw tensors; timeout_s becomes Triton's `timeout` parameter
+    (for tasks: a deadline counted from submission)."""
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     for name, array in inputs.items():
         dtype, shape, data = raw_bytes(np.asarray(array))

@@ -15,7 +15,7 @@ import pytest
 import redis
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from meshserve.client import AsyncClient, task_request
+from meshserve.client import AsyncClient, infer_request
 from meshserve.pb.meshserve.v1 import async_inference_pb2 as apb
 from meshserve.pb.meshserve.v1 import async_inference_pb2_grpc as apb_grpc
 from tests.conftest import MODELS, ROOT, ServiceProcess
@@ -145,12 +145,12 @@ def test_in_memory_mode_watch_and_errors(mesh):
             for call, code in [
                 (stub.Get(apb.GetRequest(task_id="0" * 32)), grpc.StatusCode.NOT_FOUND),
                 (stub.Cancel(apb.CancelRequest(task_id="nope")), grpc.StatusCode.NOT_FOUND),
-                (stub.Submit(apb.SubmitRequest(request=task_request("nope", {"input": x[0]}))),
+                (stub.Submit(apb.SubmitRequest(request=infer_request("nope", {"input": x[0]}))),
                  grpc.StatusCode.NOT_FOUND),
-                (stub.Submit(apb.SubmitRequest(request=task_request(
+                (stub.Submit(apb.SubmitRequest(request=infer_request(
                     "digits", {"input": x[0][:, :10]}))), grpc.StatusCode.INVALID_ARGUMENT),
                 (stub.SubmitBatch(apb.SubmitBatchRequest(requests=[apb.SubmitRequest(
-                    request=task_request("digits", {"wrong": x[0]}))])),
+                    request=infer_request("digits", {"wrong": x[0]}))])),
                  grpc.StatusCode.INVALID_ARGUMENT),
             ]:
                 with pytest.raises(grpc.aio.AioRpcError) as e:
