@@ -44,3 +44,22 @@ def test_all_workers_gone_then_batcher_gone(mesh):
     assert not client.is_server_ready()
     assert client.get_model_metadata("digits").name == "digits"
     client.close()
+
+
+def test_message_over_the_size_limit_is_refused_clearly(mesh, tmp_path):
+    from tests.conftest import MODELS, ServiceProcess
+
+    small = ServiceProcess("gateway", [
+        "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--max-message-mb", "1",
+        "--model-repository", str(MODELS), "--batcher", mesh.batcher.address], tmp_path)
+    try:
+        small.wait_ready()
+        client = tc.InferenceServerClient(small.address)
+        with pytest.raises(InferenceServerException) as e:
+            infer(client, np.zeros((64 * 65, 64), np.float32))  # 1.06 MB of input
+        assert str(e.value.status()) == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "larger than max" in e.value.message()
+        assert infer(client, np.zeros((2, 64), np.float32)).as_numpy("predictions").shape == (2,)
+        client.close()
+    finally:
+        small.stop()
