@@ -31,7 +31,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     f.add("--model-repository", str, "models", "model repository folder")
     f.add("--devices", str, "auto", "'auto' (one worker per GPU, else CPU), 'cpu', or cuda:0,cuda:1")
     f.add("--redis-url", str, os.environ.get("REDIS_URL", ""),
-          "Redis for the cache; empty: in-memory cache", env="REDIS_URL")
+          "Redis for the cache, durable async tasks, routing policies and shared rate limits; "
+          "empty: everything in memory", env="REDIS_URL")
     f.add("--log-level", str, "INFO", "log level of every service")
     # MESHSERVE_UP_*: MESHSERVE_WORKERS is the batcher's worker list.
     f.add("--gateways", int, 1, "gateway processes, sharing --port with SO_REUSEPORT",
@@ -187,7 +188,7 @@ class LocalMesh:
                 "--host", self.host, "--port", str(port), "--metrics-port", str(metrics_port),
                 "--model-repository", self.repo, "--reuse-port", str(self.gateways > 1),
                 "--batcher", f"127.0.0.1:{batcher_port}", "--cache", f"127.0.0.1:{cache_port}",
-                *tls_flags(self.tls_dir), *self.gateway_flags,
+                *cache_flags, *tls_flags(self.tls_dir), *self.gateway_flags,
             )
             port = (await gateway.ready())["grpc"]
         self.gateway_address = f"127.0.0.1:{port}"
