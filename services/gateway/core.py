@@ -143,7 +143,9 @@ class Gateway:
         """An alias's current target model (for metadata calls); any other name unchanged."""
         return self.router.alias_target(model) if self.router is not None else model
 
-    async def infer_direct(self, call: InferCall) -> InferOutcome:
+    def check(self, call: InferCall) -> tuple[ModelConfig, str, int, list[str]]:
+        """Everything a call can be refused for before it runs: (config, resolved version,
+        rows, output names). NotFound for an unknown model or version, else InvalidInput."""
         config, version = self.catalog.resolve(call.model, call.version)
         rows = validate_inputs(config, call.inputs)
         output_names = resolve_outputs(config, call.outputs)
@@ -152,14 +154,18 @@ class Gateway:
                 f"priority {call.priority} is out of range for model '{config.name}' "
                 f"(1 is highest, {config.batching.priority_levels} lowest, 0 the default)"
             )
+        return config, version, rows, output_names
+
+    async def infer_direct(self, call: InferCall) -> InferOutcome:
+        config, version, rows, output_names = self.check(call)
         if call.timeout_s is not None and call.timeout_s <= 0:
             raise DeadlineExceeded("the request's deadline passed before it reached the gateway")
 
         cache_key = None
         generation = 0
-        out_params = {o.name: dict(o.parameters) for o in call.outputs}
         if self.cache is not None and config.cache.enabled and call.use_cache:
             started = time.perf_counter_ns()
+            out_params = {o.name: dict(o.parameters) for o in call.outputs}
             digest = keys.request_digest(
                 config.name, version,
                 [(t.name, t.datatype, t.shape, t.data) for t in call.inputs],

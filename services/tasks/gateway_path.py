@@ -4,8 +4,8 @@ synchronous ModelInfer; plus the cheap checks a Submit gets before its task is q
 
 from __future__ import annotations
 
-from meshserve.common.errors import InvalidInput
-from meshserve.common.validation import resolve_outputs, validate_inputs
+from dataclasses import replace
+
 from meshserve.gateway.core import Gateway
 from meshserve.gateway.servicer import infer_message, to_call
 from meshserve.pb.inference import grpc_service_pb2 as pb
@@ -25,13 +25,6 @@ class GatewayPath:
         """Validates what can be checked without running (unknown model: NOT_FOUND, bad
         inputs or parameters: INVALID_ARGUMENT), so that a bad task fails at submit."""
         call = to_call(request, None)
-        model = self.gateway.target_name(call.model)  # an alias checks its current target
-        config, _version = self.gateway.catalog.resolve(model, call.version)
-        validate_inputs(config, call.inputs)
-        resolve_outputs(config, call.outputs)
-        if call.priority < 0 or call.priority > config.batching.priority_levels:
-            raise InvalidInput(
-                f"priority {call.priority} is out of range for model '{config.name}' "
-                f"(1 is highest, {config.batching.priority_levels} lowest, 0 the default)"
-            )
+        # An alias is checked against its current target.
+        self.gateway.check(replace(call, model=self.gateway.target_name(call.model)))
         return NewTask(request.SerializeToString(), idempotency_key, call.timeout_s)
