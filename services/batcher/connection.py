@@ -16,6 +16,7 @@ from meshserve.batcher import convert
 from meshserve.batcher.records import Batch, BatchOutcome
 from meshserve.batcher.workers import WorkerPool
 from meshserve.common import grpcutil
+from meshserve.common.backoff import Backoff
 from meshserve.common.errors import Unavailable
 from meshserve.common.transport import Transport
 from meshserve.pb.meshserve.v1 import worker_pb2, worker_pb2_grpc
@@ -106,7 +107,7 @@ class WorkerConnection:
     # ------------------------------------------------------------------ streams
 
     async def _run(self) -> None:
-        backoff_s = BACKOFF_MIN_S
+        backoff = Backoff(BACKOFF_MIN_S, BACKOFF_MAX_S)
         failures = 0  # consecutive; only the first is logged as a warning
         while not self._closed:
             channel = grpcutil.channel(self.address, self.transport,
@@ -125,7 +126,8 @@ class WorkerConnection:
                 self.pool.update(self.address, convert.report_from_pb(first), connected=True)
                 self._end_if_drained()
                 log.info("connected to model worker %s (%s)", self.address, first.device)
-                backoff_s, failures = BACKOFF_MIN_S, 0
+                failures = 0
+                backoff.reset()
                 tasks = [asyncio.ensure_future(self._read(call)),
                          asyncio.ensure_future(self._watch(watch))]
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -150,8 +152,7 @@ class WorkerConnection:
                     t.cancel()
                 self._disconnected()
                 await channel.close(grace=None)
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
+            await backoff.wait()
 
     def _disconnected(self) -> None:
         was_connected = self._send is not None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
@@ -13,6 +12,7 @@ from meshserve.cache.config import Settings
 from meshserve.cache.core import PredictionCache
 from meshserve.cache.servicer import CacheServicer
 from meshserve.common import metrics, tracing
+from meshserve.common.backoff import Backoff
 from meshserve.common.grpcutil import new_server, set_serving, wait_for_signal
 from meshserve.common.settings import write_port_file
 from meshserve.pb.meshserve.v1 import cache_pb2, cache_pb2_grpc
@@ -49,12 +49,11 @@ async def create_server(
 
 async def wait_backend_ready(cache: PredictionCache, max_backoff_s: float = 5.0) -> None:
     """Returns once the backend answered a PING (at once for the in-memory one)."""
-    backoff_s = 0.1
+    backoff = Backoff(max_s=max_backoff_s)
     while not await cache.ready():
         log.warning("cache backend %s not answering; retrying in %.1fs",
-                    cache.backend.name, backoff_s)
-        await asyncio.sleep(backoff_s)
-        backoff_s = min(backoff_s * 2, max_backoff_s)
+                    cache.backend.name, backoff.delay_s)
+        await backoff.wait()
 
 
 async def serve(settings: Settings) -> None:

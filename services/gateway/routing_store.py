@@ -18,6 +18,7 @@ import grpc
 import redis.asyncio as aioredis
 
 from meshserve.common import grpcutil
+from meshserve.common.backoff import Backoff
 from meshserve.common.transport import Transport
 from meshserve.gateway.routing import AliasSpec, Policy, Target
 from meshserve.gateway.traffic import PolicyStore
@@ -114,11 +115,6 @@ class _Synced:
         self.apply(model, policy)
 
 
-async def _backoff(delay: float) -> float:
-    await asyncio.sleep(delay)
-    return min(delay * 2, 2.0)
-
-
 # ---------------------------------------------------------------------------- Redis
 
 
@@ -151,7 +147,7 @@ class RedisPolicyStore(PolicyStore):
             await pipe.execute()
 
     async def _watch(self) -> None:
-        delay = 0.1
+        backoff = Backoff(max_s=2.0)
         while True:
             try:
                 async with self.redis.pubsub() as pubsub:
@@ -160,7 +156,7 @@ class RedisPolicyStore(PolicyStore):
                     entries = await self.redis.hgetall(REDIS_HASH)
                     self.synced.snapshot({k.decode(): _decode(k.decode(), v)
                                           for k, v in entries.items()})
-                    delay = 0.1
+                    backoff.reset()
                     async for message in pubsub.listen():
                         if message.get("type") != "message":
                             continue
@@ -171,7 +167,7 @@ class RedisPolicyStore(PolicyStore):
                 raise
             except Exception as e:  # noqa: BLE001 - reconnect with a backoff
                 log.warning("routing policies: Redis watch failed (%s); retrying", e)
-                delay = await _backoff(delay)
+                await backoff.wait()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -219,7 +215,7 @@ class BatcherPolicyStore(PolicyStore):
         await self._put(rpb.PolicyChange(model=model, deleted=True))
 
     async def _watch(self) -> None:
-        delay = 0.1
+        backoff = Backoff(max_s=2.0)
         while True:
             try:
                 entries: dict[str, Policy | None] = {}
@@ -228,7 +224,8 @@ class BatcherPolicyStore(PolicyStore):
                     if in_snapshot:
                         if change.snapshot_done:
                             self.synced.snapshot(entries)
-                            in_snapshot, delay = False, 0.1
+                            in_snapshot = False
+                            backoff.reset()
                         else:
                             entries[change.model] = policy_from_pb(change.policy)
                         continue
@@ -239,7 +236,7 @@ class BatcherPolicyStore(PolicyStore):
                 raise
             except Exception as e:  # noqa: BLE001 - reconnect with a backoff
                 log.info("routing policies: batcher watch ended (%s); retrying", e)
-                delay = await _backoff(delay)
+                await backoff.wait()
 
     async def close(self) -> None:
         if self._task is not None:

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from meshserve.batcher.client import BatcherClient
 from meshserve.cache.client import CacheClient
 from meshserve.common import grpcutil, metrics, tracing
+from meshserve.common.backoff import Backoff
 from meshserve.common.grpcutil import MiB
 from meshserve.common.repository import ModelRepository
 from meshserve.common.settings import write_port_file
@@ -61,11 +62,10 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
 
 async def _wait_for_batcher(gateway: Gateway) -> None:
     """Blocks until the batcher answers (backoff between tries: it may start after us)."""
-    delay = 0.1
+    backoff = Backoff(max_s=2.0)
     while not await gateway.server_ready():
         log.info("waiting for the batcher at %s", gateway.batcher.target)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 2.0)
+        await backoff.wait()
 
 
 async def serve(settings: Settings) -> None:

@@ -32,6 +32,7 @@ from typing import Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from meshserve.common.backoff import Backoff
 from meshserve.common.errors import NotFound, Overloaded, Unavailable
 from meshserve.tasks.records import (
     CODE_CANCELLED,
@@ -351,23 +352,23 @@ class RedisQueue:
 
     async def _listen(self) -> None:
         """One subscription per process; wakes local watchers. Reconnects with a backoff."""
-        delay = 0.1
+        backoff = Backoff()
         while True:
             try:
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.channel)
                     self._subscribed.set()
-                    delay = 0.1
+                    backoff.reset()
                     async for message in pubsub.listen():
                         if message["type"] == "message":
                             self.watchers.notify(_str(message["data"]))
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as e:
-                log.warning("task events subscription lost (%s); retrying in %.1fs", e, delay)
+                log.warning("task events subscription lost (%s); retrying in %.1fs", e,
+                            backoff.delay_s)
                 self._subscribed.set()  # watchers fall back to their periodic re-read
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.wait()
 
     # -- runner side
 

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from meshserve.common import errors
+from meshserve.common.backoff import Backoff
 from meshserve.common.grpcutil import code_value
 from meshserve.tasks.metrics import TaskMetrics
 from meshserve.tasks.queues import TaskQueue, consumer_name
@@ -63,24 +64,17 @@ class Runner:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _read_loop(self) -> None:
-        delay = 0.1
+        backoff = Backoff()
         while True:
             await self._room.wait()
             try:
                 deliveries = await self.queue.read(
                     self.consumer, self.concurrency - len(self._inflight), READ_BLOCK_S)
-                delay = 0.1
-            except (errors.MeshError, OSError) as e:
-                log.warning("runner %s: reading tasks failed (%s); retrying in %.1fs",
-                            self.consumer, e, delay)
-                await asyncio.sleep(delay)  # reconnect backoff
-                delay = min(delay * 2, 5.0)
-                continue
+                backoff.reset()
             except Exception as e:  # noqa: BLE001 - e.g. a Redis error: never stop reading
                 log.warning("runner %s: reading tasks failed (%s); retrying in %.1fs",
-                            self.consumer, e, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                            self.consumer, e, backoff.delay_s)
+                await backoff.wait()
                 continue
             for d in deliveries:
                 self._spawn(d)

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from meshserve.batcher.client import BatcherClient
 from meshserve.cache.client import CacheClient
 from meshserve.common import grpcutil, metrics, tracing
+from meshserve.common.backoff import Backoff
 from meshserve.common.repository import ModelRepository
 from meshserve.common.settings import write_port_file
 from meshserve.gateway.core import Gateway
@@ -48,15 +49,14 @@ class AsyncService:
 
     async def start(self) -> None:
         """Waits until the queue answers (Redis may start after us), then starts runners."""
-        delay = 0.1
+        backoff = Backoff(max_s=2.0)
         while True:
             try:
                 await self.queue.start()
                 break
             except Exception as e:  # noqa: BLE001 - retried with a backoff
                 log.info("waiting for the task store at %s (%s)", self.redis_url, e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await backoff.wait()
         for runner in self.runners:
             runner.start()
         log.info("async inference: %s queue, %d runner(s) here",
