@@ -2,7 +2,8 @@
 limit, applied by ONE server interceptor on the gateway's port.
 
 - Authentication: gRPC metadata `authorization: Bearer <key>`, looked up by its SHA-256 in
-  the keys file (common.auth.KeyStore): missing, malformed or unknown -> UNAUTHENTICATED.
+  the keys file (common.auth.KeyStore): missing, malformed or unknown -> UNAUTHENTICATED,
+  decided from the metadata alone, before the request message is read or parsed.
 - Permission: the model comes from the request message, per method (MODEL_OF below; each
   message of a ModelStreamInfer): a model the key may not use -> PERMISSION_DENIED.
 - Inference (ModelInfer, each ModelStreamInfer message, AsyncInference Submit/SubmitBatch):
@@ -213,8 +214,14 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
         self._handlers: dict[str, tuple[object, object]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        if self.protection.auth and not method.startswith(OPEN_PREFIXES):
+            # Authentication before the body: a caller without a valid key is refused from
+            # its metadata alone; its message is never read nor parsed.
+            key = self.protection.authenticate(handler_call_details.invocation_metadata)
+            if isinstance(key, Denied):
+                return _refusal(key)
+        handler = await continuation(handler_call_details)
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
         cached = self._handlers.get(method)
@@ -357,6 +364,17 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
             await check(request, context)
             return await inner(request, context)
         return unary
+
+
+def _refusal(denied: Denied):
+    """A handler that answers `denied` without reading the request: a request-streaming
+    handler is never handed a message it does not ask for (the wire is the same for every
+    kind of call, so it answers a unary call as well)."""
+
+    async def refuse(_request_iterator, context):
+        await _abort(context, denied)
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 def _behavior(handler):
