@@ -44,6 +44,8 @@ class ModelInfo:
     warmup: tuple[tuple[int, int], ...] = ()  # (batch size, ns) per bucket
     cuda_graphs: bool = False
     load_ns: int = 0
+    graph_buckets: tuple[int, ...] = ()  # batch sizes replaying a CUDA graph
+    eager_buckets: tuple[tuple[int, str], ...] = ()  # (size, why) where capture failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,8 @@ class LoadedModel:
     warmup: tuple[tuple[int, int], ...]
     cuda_graphs: bool
     load_ns: int
+    graph_buckets: tuple[int, ...] = ()
+    eager_buckets: tuple[tuple[int, str], ...] = ()
 
 
 def _check_outputs(config: ModelConfig, forward: Forward, specs, device: torch.device) -> None:
@@ -92,7 +96,8 @@ def load_model(
     use_graphs = cuda and cuda_graphs and config.cuda_graphs and batched
     if cuda:
         torch.cuda.synchronize(dev)
-    base = torch.cuda.memory_allocated(dev) if cuda else 0
+    # Graph pools stay reserved (not allocated) between replays: count both.
+    base = _device_bytes(dev) if cuda else (0, 0)
     runner = BucketRunner(
         forward, specs, config.buckets() if batched else (), dev,
         static_buffers=use_graphs, use_graphs=use_graphs,
@@ -100,12 +105,26 @@ def load_model(
     warmup: list[tuple[int, int]] = []
     if batched and (config.warmup.enabled or runner.use_graphs):
         warmup = runner.warmup()
-    extra = max(0, torch.cuda.memory_allocated(dev) - base) if cuda else 0
+    extra = 0
+    if cuda:
+        torch.cuda.synchronize(dev)
+        extra = max(0, *(after - before for after, before in zip(_device_bytes(dev), base,
+                                                                  strict=True)))
+    eager = tuple(runner.eager_buckets.items())
+    if eager:
+        log.warning("model %s version %s: CUDA graphs for batch sizes %s, eager for %s",
+                    config.name, version, list(runner.graph_buckets), [s for s, _ in eager])
     return LoadedModel(
         config=config, version=version, runner=runner,
         byte_size=module_bytes(module) + extra, warmup=tuple(warmup),
-        cuda_graphs=runner.use_graphs, load_ns=time.perf_counter_ns() - start,
+        cuda_graphs=bool(runner.graph_buckets), load_ns=time.perf_counter_ns() - start,
+        graph_buckets=runner.graph_buckets, eager_buckets=eager,
     )
+
+
+def _device_bytes(dev: torch.device) -> tuple[int, int]:
+    """(allocated, reserved) bytes on a CUDA device; a graph's private pool is reserved."""
+    return torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
 
 
 Loader = Callable[[ModelConfig, Path, str, str, bool], LoadedModel]
@@ -130,7 +149,7 @@ class _Entry:
         if m is None:
             return ModelInfo(self.name, self.version, LOADING, self.byte_size)
         return ModelInfo(self.name, self.version, READY, self.byte_size, m.warmup,
-                         m.cuda_graphs, m.load_ns)
+                         m.cuda_graphs, m.load_ns, m.graph_buckets, m.eager_buckets)
 
 
 def normalize_version(name: str, version: str) -> str:
