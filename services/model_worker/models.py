@@ -24,11 +24,19 @@ import torch
 
 from meshserve.common.datatypes import datatype, from_torch
 from meshserve.common.errors import (
-    ConfigError, FailedPrecondition, InvalidInput, MeshError, NotFound, Overloaded,
+    ConfigError,
+    FailedPrecondition,
+    InvalidInput,
+    MeshError,
+    NotFound,
+    Overloaded,
 )
 from meshserve.common.repository import ModelConfig, ModelRepository
 from meshserve.model_worker.compiling import (
-    cast_network, compile_network, compiler_message, with_precision,
+    cast_network,
+    compile_network,
+    compiler_message,
+    with_precision,
 )
 from meshserve.model_worker.cuda_graphs import BucketRunner, InputSpec, zero_inputs
 from meshserve.model_worker.loader import Forward, load_network, module_bytes, output_mapper
