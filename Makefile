@@ -68,6 +68,7 @@ lint: $(STAMP)
 models: $(STAMP)
 	$(PY) models/digits/train.py
 	$(PY) models/digits/export.py
+	$(PY) models/seqpool/build.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
