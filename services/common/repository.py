@@ -24,7 +24,7 @@ FORMATS = {
     "mlp_checkpoint": ("model.pth", "pytorch_checkpoint"),
 }
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-_TORCH_DATATYPES = tuple(n for n, d in DATATYPES.items() if d.torch is not None)
+_TORCH_DATATYPES = tuple(n for n, d in DATATYPES.items() if d.torch_name is not None)
 
 
 @dataclass(frozen=True, slots=True)
