@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from meshserve.common.datatypes import DATATYPES
-from meshserve.common.errors import ConfigError, InvalidInput, NotFound
+from meshserve.common.errors import ConfigError, FailedPrecondition, InvalidInput, NotFound
 
 CONFIG_FILE = "config.json"
 FORMATS = {
@@ -475,14 +475,34 @@ class ModelRepository:
             raise ConfigError(f"{path}: invalid JSON: {e}") from None
         return parse_config(data, str(path), expected_name=name)
 
-    def versions(self, name: str) -> list[int]:
-        """Versions present on disk: positive-integer folders holding the model file."""
+    def versions(self, name: str, config: ModelConfig | None = None) -> list[int]:
+        """Versions present on disk: positive-integer folders holding the model file.
+        config: the model's, when the caller has just read it (saves a parse)."""
         model_dir = self._model_dir(name)
-        filename = self.config(name).model_filename
+        filename = (config or self.config(name)).model_filename
         return sorted(
             int(p.name) for p in model_dir.iterdir()
             if p.is_dir() and p.name.isdigit() and int(p.name) > 0 and (p / filename).is_file()
         )
+
+    def missing_file(self, name: str, version: str = "", config: ModelConfig | None = None) -> str:
+        """Why a version (or, without one, every version folder) holds no model: the file
+        its format needs and the files found instead."""
+        config = config or self.config(name)
+        model_dir = self._model_dir(name)
+        folders = [model_dir / str(version)] if version else sorted(
+            (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
+            key=lambda p: int(p.name))
+        expected = (f"{config.format} model '{name}' needs the file "
+                    f"'{config.model_filename}' in a version folder")
+        if not folders:
+            return f"{expected}; {model_dir} has no version folder (1/, 2/, ...)"
+        found = []
+        for folder in folders[:8]:
+            files = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else None
+            found.append(f"{folder.name}/ holds {', '.join(files) or 'nothing'}"
+                         if files is not None else f"{folder.name}/ does not exist")
+        return f"{expected}; {'; '.join(found)}"
 
     def served_versions(self, name: str) -> list[int]:
         return self.config(name).version_policy.select(self.versions(name))
@@ -499,7 +519,10 @@ class ModelRepository:
     def model_file(self, name: str, version: str) -> Path:
         if not str(version).isdigit():
             raise NotFound(f"model '{name}' has no version {version!r}")
-        path = self._model_dir(name) / str(int(version)) / self.config(name).model_filename
+        config = self.config(name)
+        path = self._model_dir(name) / str(int(version)) / config.model_filename
         if not path.is_file():
-            raise NotFound(f"model '{name}' has no version {version} ({path} is missing)")
+            if not path.parent.is_dir():
+                raise NotFound(f"model '{name}' has no version {version} ({path.parent} is missing)")
+            raise FailedPrecondition(self.missing_file(name, str(int(version)), config))
         return path
