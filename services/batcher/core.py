@@ -29,6 +29,7 @@ from meshserve.common.errors import (
     NotFound,
     Unavailable,
 )
+from meshserve.common.logs import clip
 from meshserve.common.repository import ModelConfig, ModelRepository
 
 log = logging.getLogger(__name__)
@@ -236,13 +237,14 @@ class Batcher:
             self._load_errors[key] = (self.now(), "no model worker is connected")
             self.pool.notify()
             return
-        log.info("loading %s version %s on %s", model, version, w.address)
+        log.info("loading %s version %s on %s", clip(model), clip(version), w.address)
         w.loading.add(key)
         self.pool.notify()
         try:
             await w.link.load(model, version)
         except Exception as e:  # noqa: BLE001 - a failed load is reported, never raised
-            log.warning("loading %s version %s on %s failed: %s", model, version, w.address, e)
+            log.warning("loading %s version %s on %s failed: %s", clip(model), clip(version),
+                        w.address, clip(e))
             self._load_errors[key] = (self.now(), f"{w.address}: {e}")
             w.loading.discard(key)
             self.pool.notify()
@@ -289,7 +291,7 @@ class Batcher:
                     f"(after {attempts} attempts)"))
                 return
             log.info("batch %d of %s version %s failed on %s (%s); retrying",
-                     batch.batch_id, model, version, worker.address, error)
+                     batch.batch_id, clip(model), clip(version), worker.address, clip(error))
             try:
                 worker = await self._acquire(key, None, frozenset(failed_on))
             except MeshError as e:

@@ -21,6 +21,7 @@ from meshserve.common.errors import (
     NotFound,
     Unavailable,
 )
+from meshserve.common.logs import clip
 from meshserve.common.repository import ModelConfig, ModelRepository, check_model_name
 from meshserve.common.validation import (
     InputTensor,
@@ -368,7 +369,7 @@ class Gateway:
             else:
                 await self.cache.invalidate(model)
         except Exception as e:  # noqa: BLE001 - generations still protect against staleness
-            log.warning("cache invalidation of %s failed: %s", model, e)
+            log.warning("cache invalidation of %s failed: %s", clip(model), clip(e))
 
     async def statistics(self, model: str, version: str) -> list[tuple]:
         if model:
