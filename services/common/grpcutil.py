@@ -9,12 +9,14 @@ import inspect
 import logging
 import signal
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from meshserve.common import errors
+from meshserve.common.errors import ConfigError
 from meshserve.common.transport import PLAINTEXT, Transport
 
 log = logging.getLogger(__name__)
@@ -164,8 +166,43 @@ def server_credentials(transport: Transport) -> grpc.ServerCredentials | None:
         require_client_auth=transport.tls_client_auth == "require")
 
 
-def server_options(max_message_bytes: int = 64 * MiB,
-                   reuse_port: bool = False) -> list[tuple[str, object]]:
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What one client connection may hold on a server: streams (calls) open at once,
+    how long it may sit without a call, and how old it may grow (then it is asked to go
+    away: its calls get max_age_grace_s to finish, the client reconnects). 0: no limit."""
+
+    max_concurrent_streams: int = 1024
+    max_idle_s: float = 600.0
+    max_age_s: float = 0.0
+    max_age_grace_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent_streams < 1:
+            raise ConfigError(f"--max-concurrent-streams: must be >= 1, "
+                              f"got {self.max_concurrent_streams}")
+        for name, value in (("idle", self.max_idle_s), ("age", self.max_age_s),
+                            ("age grace", self.max_age_grace_s)):
+            if not value >= 0:
+                raise ConfigError(f"connection {name} limit must be >= 0 s, got {value}")
+
+    def options(self) -> list[tuple[str, object]]:
+        out: list[tuple[str, object]] = [
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams)]
+        if self.max_idle_s:
+            out.append(("grpc.max_connection_idle_ms", int(self.max_idle_s * 1000)))
+        if self.max_age_s:
+            out += [("grpc.max_connection_age_ms", int(self.max_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(self.max_age_grace_s * 1000))]
+        return out
+
+
+# Internal services: their clients are our own long-lived streams, never aged out.
+INTERNAL_LIMITS = ConnectionLimits()
+
+
+def server_options(max_message_bytes: int = 64 * MiB, reuse_port: bool = False,
+                   limits: ConnectionLimits = INTERNAL_LIMITS) -> list[tuple[str, object]]:
     """reuse_port: SO_REUSEPORT, so several processes can share one listening port (the
     kernel spreads new connections over them); off by default, so a taken port fails."""
     return [
@@ -175,6 +212,7 @@ def server_options(max_message_bytes: int = 64 * MiB,
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.max_ping_strikes", 0),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
+        *limits.options(),
     ]
 
 
@@ -201,12 +239,14 @@ def new_server(
     reuse_port: bool = False,
     transport: Transport | None = None,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    limits: ConnectionLimits = INTERNAL_LIMITS,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """An aio server with grpc.health.v1 (NOT_SERVING until the caller says so) and
     reflection for the given services. Returns (server, bound port, health servicer).
-    transport: TLS / mTLS and the default compression of responses (plaintext without)."""
+    transport: TLS / mTLS and the default compression of responses (plaintext without).
+    limits: streams, idle time and age of each client connection."""
     t = transport or PLAINTEXT
-    server = grpc.aio.server(options=server_options(max_message_bytes, reuse_port),
+    server = grpc.aio.server(options=server_options(max_message_bytes, reuse_port, limits),
                              compression=_compression(t.compression),
                              interceptors=list(interceptors) or None)
     health_servicer = health.aio.HealthServicer()
