@@ -590,7 +590,7 @@ async def load_models(target: str, repo: str, tls_dir: str = "", out=None) -> No
             states.setdefault(m.name, set()).add(m.state)
         for name in sorted(p.parent.name for p in Path(repo).glob("*/config.json")):
             if states.get(name) == {"READY"}:
-                say(f"model '{name}' loaded")
+                say(f"model '{name}' loaded", out)
                 continue
             try:
                 await client.load_model(name)
