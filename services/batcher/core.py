@@ -495,7 +495,7 @@ class Batcher:
         model, version = key
         holders = tuple(sorted(w.address for w in self.pool.holders(key)))
         if holders:
-            return VersionState(model, version, "READY", "", holders)
+            return VersionState(model, version, "READY", self._eager_note(key), holders)
         if self.pool.loading(key) or key in self._loads:
             return VersionState(model, version, "LOADING", "", ())
         if key in self._unwanted:
@@ -507,6 +507,18 @@ class Batcher:
         else:
             reason = "not loaded on any model worker"
         return VersionState(model, version, "UNAVAILABLE", reason, ())
+
+    def _eager_note(self, key: Key) -> str:
+        """READY's reason: the batch sizes a worker runs eagerly because their CUDA graph
+        capture failed ("" when none did)."""
+        notes = []
+        for w in self.pool.holders(key):
+            for m in w.report.models if w.report else ():
+                if (m.model, m.version) == key and m.eager_buckets:
+                    sizes = ", ".join(str(size) for size, _ in m.eager_buckets)
+                    notes.append(f"{w.address} runs batch sizes {sizes} eagerly "
+                                 f"({m.eager_buckets[0][1]})")
+        return "; ".join(notes)
 
     def note_reported(self) -> None:
         """A worker reported its models: versions it holds READY become wanted (so they are

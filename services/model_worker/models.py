@@ -65,6 +65,8 @@ class ModelInfo:
     compiled: bool = False  # false with compile_mode set: fell back to eager
     compile_ns: int = 0  # compiling and warming every bucket
     compile_error: str = ""  # the compiler's message when it fell back
+    graph_buckets: tuple[int, ...] = ()  # batch sizes replaying a CUDA graph
+    eager_buckets: tuple[tuple[int, str], ...] = ()  # (size, why) where capture failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,8 @@ class LoadedModel:
     compiled: bool = False
     compile_ns: int = 0
     compile_error: str = ""
+    graph_buckets: tuple[int, ...] = ()
+    eager_buckets: tuple[tuple[int, str], ...] = ()
 
 
 def _check_outputs(config: ModelConfig, forward: Forward, specs, device: torch.device) -> None:
@@ -154,7 +158,8 @@ def load_model(
 
     if cuda:
         torch.cuda.synchronize(dev)
-    base = torch.cuda.memory_allocated(dev) if cuda else 0
+    # Graph pools stay reserved (not allocated) between replays: count both.
+    base = _device_bytes(dev) if cuda else (0, 0)
     compiled, compile_ns, compile_error = False, 0, ""
     if c is not None:
         t0 = time.perf_counter_ns()
@@ -178,13 +183,27 @@ def load_model(
     if not compiled:
         runner = runner_for(eager, False)
         warmup = warm(runner, False)
-    extra = max(0, torch.cuda.memory_allocated(dev) - base) if cuda else 0
+    extra = 0
+    if cuda:
+        torch.cuda.synchronize(dev)
+        extra = max(0, *(after - before for after, before in zip(_device_bytes(dev), base,
+                                                                  strict=True)))
+    eager_buckets = tuple(runner.eager_buckets.items())
+    if eager_buckets:
+        log.warning("%s: CUDA graphs for batch sizes %s, eager for %s", label,
+                    list(runner.graph_buckets), [s for s, _ in eager_buckets])
     return LoadedModel(
         config=config, version=version, runner=runner,
         byte_size=module_bytes(module) + extra, warmup=tuple(warmup),
-        cuda_graphs=runner.use_graphs, load_ns=time.perf_counter_ns() - start,
+        cuda_graphs=bool(runner.graph_buckets), load_ns=time.perf_counter_ns() - start,
         compiled=compiled, compile_ns=compile_ns, compile_error=compile_error,
+        graph_buckets=runner.graph_buckets, eager_buckets=eager_buckets,
     )
+
+
+def _device_bytes(dev: torch.device) -> tuple[int, int]:
+    """(allocated, reserved) bytes on a CUDA device; a graph's private pool is reserved."""
+    return torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
 
 
 Loader = Callable[[ModelConfig, Path, str, str, bool], LoadedModel]
@@ -216,6 +235,7 @@ class _Entry:
             self.name, self.version, READY, self.byte_size, m.warmup, m.cuda_graphs, m.load_ns,
             format=c.format, precision=c.precision, compile_mode=c.compile.mode if c.compile
             else "", compiled=m.compiled, compile_ns=m.compile_ns, compile_error=m.compile_error,
+            graph_buckets=m.graph_buckets, eager_buckets=m.eager_buckets,
         )
 
 
