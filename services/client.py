@@ -263,6 +263,15 @@ class _BearerStreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._details(details), request_iterator)
 
 
+API_KEY_ENV = "MESHSERVE_API_KEY"
+API_KEY_HELP = (f"API key (gateways with --api-keys-file); default: env {API_KEY_ENV}, which "
+                "keeps the key out of the shell history and the process list")
+
+
+def env_api_key() -> str:
+    return os.environ.get(API_KEY_ENV, "")
+
+
 def bearer_auth(api_key: str) -> list:
     """Interceptors adding `authorization: Bearer <key>` to every call of a channel."""
     return [kind(api_key) for kind in (_BearerUnaryUnary, _BearerUnaryStream,
@@ -276,7 +285,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="meshserve infer", description="One inference request.")
     p.add_argument("model")
     p.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
-    p.add_argument("--api-key", default="", help="API key (gateways with --api-keys-file)")
+    p.add_argument("--api-key", default=env_api_key(), help=API_KEY_HELP)
     p.add_argument("--version", default="", help="model version (default: the model's default)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help='JSON: a list for a one-input model, or {"name": list}')
@@ -446,7 +455,7 @@ def submit_main(argv: list[str]) -> int:
                                 description="Queue one async inference; prints its task id.")
     p.add_argument("model")
     p.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
-    p.add_argument("--api-key", default="", help="API key (gateways with --api-keys-file)")
+    p.add_argument("--api-key", default=env_api_key(), help=API_KEY_HELP)
     p.add_argument("--version", default="")
     p.add_argument("--input-file", required=True, help="JSON, as for `meshserve infer`")
     p.add_argument("--output", action="append", default=[], help="output to return (repeatable)")
@@ -464,7 +473,7 @@ def result_main(argv: list[str]) -> int:
                                 "and result (exit 0: succeeded or not done yet).")
     p.add_argument("task_id")
     p.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
-    p.add_argument("--api-key", default="", help="API key (gateways with --api-keys-file)")
+    p.add_argument("--api-key", default=env_api_key(), help=API_KEY_HELP)
     p.add_argument("--wait", action="store_true", help="wait until the task is done")
     try:
         return asyncio.run(_result(p.parse_args(argv)))
@@ -562,7 +571,7 @@ def route_main(argv: list[str]) -> int:
                                 description="Traffic management: version splits, canaries, "
                                 "shadows, fallback, cost-aware aliases.")
     p.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
-    p.add_argument("--api-key", default="", help="API key (gateways with --api-keys-file)")
+    p.add_argument("--api-key", default=env_api_key(), help=API_KEY_HELP)
     sub = p.add_subparsers(dest="action", required=True)
     g = sub.add_parser("get", help="the policy in force and this gateway's per-route counts")
     g.add_argument("model")
