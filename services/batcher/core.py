@@ -58,6 +58,8 @@ class VersionState:
     state: str  # READY, LOADING, UNAVAILABLE
     reason: str
     workers: tuple[str, ...]
+    graph_buckets: tuple[int, ...] = ()  # replayed as CUDA graphs by a holder
+    eager_buckets: tuple[int, ...] = ()  # run eagerly by a holder: capture failed
 
 
 class _ModelQueue:
@@ -495,7 +497,7 @@ class Batcher:
         model, version = key
         holders = tuple(sorted(w.address for w in self.pool.holders(key)))
         if holders:
-            return VersionState(model, version, "READY", self._eager_note(key), holders)
+            return self._ready_state(key, holders)
         if self.pool.loading(key) or key in self._loads:
             return VersionState(model, version, "LOADING", "", ())
         if key in self._unwanted:
@@ -508,17 +510,24 @@ class Batcher:
             reason = "not loaded on any model worker"
         return VersionState(model, version, "UNAVAILABLE", reason, ())
 
-    def _eager_note(self, key: Key) -> str:
-        """READY's reason: the batch sizes a worker runs eagerly because their CUDA graph
-        capture failed ("" when none did)."""
+    def _ready_state(self, key: Key, holders: tuple[str, ...]) -> VersionState:
+        """READY, with the holders' CUDA graph buckets; the reason names the batch sizes a
+        worker runs eagerly because their capture failed ("" when none did)."""
+        graphs: set[int] = set()
+        eager: set[int] = set()
         notes = []
         for w in self.pool.holders(key):
             for m in w.report.models if w.report else ():
-                if (m.model, m.version) == key and m.eager_buckets:
+                if (m.model, m.version) != key:
+                    continue
+                graphs.update(m.graph_buckets)
+                if m.eager_buckets:
+                    eager.update(size for size, _ in m.eager_buckets)
                     sizes = ", ".join(str(size) for size, _ in m.eager_buckets)
                     notes.append(f"{w.address} runs batch sizes {sizes} eagerly "
                                  f"({m.eager_buckets[0][1]})")
-        return "; ".join(notes)
+        return VersionState(key[0], key[1], "READY", "; ".join(notes), holders,
+                            tuple(sorted(graphs)), tuple(sorted(eager)))
 
     def note_reported(self) -> None:
         """A worker reported its models: versions it holds READY become wanted (so they are

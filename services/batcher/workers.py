@@ -28,6 +28,7 @@ class HeldModel:
     version: str
     state: str  # READY or LOADING
     byte_size: int = 0
+    graph_buckets: tuple[int, ...] = ()  # batch sizes replaying a CUDA graph
     eager_buckets: tuple[tuple[int, str], ...] = ()  # (batch size, why) where capture failed
 
 

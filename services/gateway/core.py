@@ -275,6 +275,19 @@ class Gateway:
         response = await self.batcher.model_states(model)
         return list(response.versions)
 
+    async def graph_buckets(self, model: str, version: str
+                            ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """(CUDA graph batch sizes, eager batch sizes) of a READY version as its workers
+        report them; None when none holds it or the batcher does not answer."""
+        try:
+            states = await self.states(model)
+        except MeshError:
+            return None
+        for s in states:
+            if s.version == version and s.state == "READY":
+                return tuple(s.graph_buckets), tuple(s.eager_buckets)
+        return None
+
     async def model_ready(self, model: str, version: str) -> bool:
         _config, version = self.catalog.resolve(model, version)
         for state in await self.states(model):
