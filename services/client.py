@@ -29,6 +29,10 @@ from meshserve.pb.meshserve.v1 import async_inference_pb2_grpc as apb_grpc
 from meshserve.pb.meshserve.v1 import routing_pb2 as rpb
 from meshserve.pb.meshserve.v1 import routing_pb2_grpc as rpb_grpc
 
+# The gateway the commands talk to unless --url says otherwise.
+DEFAULT_URL = os.environ.get("MESHSERVE_URL", "127.0.0.1:8001")
+URL_HELP = "gateway address [env MESHSERVE_URL; default 127.0.0.1:8001]"
+
 
 @dataclass(frozen=True, slots=True)
 class InferResult:
@@ -280,7 +284,7 @@ def bearer_auth(api_key: str) -> list:
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="meshserve infer", description="One inference request.")
     p.add_argument("model")
-    p.add_argument("--url", default="127.0.0.1:8001", help="gateway address")
+    p.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
     p.add_argument("--api-key", default=env_api_key(), help=API_KEY_HELP)
     p.add_argument("--version", default="", help="model version (default: the model's default)")
     source = p.add_mutually_exclusive_group(required=True)
@@ -450,7 +454,7 @@ def submit_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="meshserve submit",
                                 description="Queue one async inference; prints its task id.")
     p.add_argument("model")
-    p.add_argument("--url", default="127.0.0.1:8001", help="gateway address")
+    p.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
     p.add_argument("--api-key", default=env_api_key(), help=API_KEY_HELP)
     p.add_argument("--version", default="")
     p.add_argument("--input-file", required=True, help="JSON, as for `meshserve infer`")
@@ -468,7 +472,7 @@ def result_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="meshserve result", description="An async task's state "
                                 "and result (exit 0: succeeded or not done yet).")
     p.add_argument("task_id")
-    p.add_argument("--url", default="127.0.0.1:8001", help="gateway address")
+    p.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
     p.add_argument("--api-key", default=env_api_key(), help=API_KEY_HELP)
     p.add_argument("--wait", action="store_true", help="wait until the task is done")
     try:
@@ -566,7 +570,7 @@ def route_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="meshserve route",
                                 description="Traffic management: version splits, canaries, "
                                 "shadows, fallback, cost-aware aliases.")
-    p.add_argument("--url", default="127.0.0.1:8001", help="gateway address")
+    p.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
     p.add_argument("--api-key", default=env_api_key(), help=API_KEY_HELP)
     sub = p.add_subparsers(dest="action", required=True)
     g = sub.add_parser("get", help="the policy in force and this gateway's per-route counts")

@@ -235,8 +235,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @grpc_errors
     async def ModelConfig(self, request, context):
         name = self.gateway.target_name(request.name)  # an alias answers for its target
-        config, _version = self.gateway.catalog.resolve(name, request.version)
-        return pb.ModelConfigResponse(config=convert.model_config(config))
+        config, version = self.gateway.catalog.resolve(name, request.version)
+        graphs = await self.gateway.graph_buckets(name, version)
+        return pb.ModelConfigResponse(config=convert.model_config(config, graphs=graphs))
 
     @grpc_errors
     async def ModelStatistics(self, request, context):
