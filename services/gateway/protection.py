@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from meshserve.common.auth import ADMIN, CALLER, INFER, ApiKey, KeyStore
 from meshserve.common.ratelimit import Bucket, LocalLimiter, RateLimit, RedisLimiter
+from meshserve.gateway.convert import MAX_ID_CHARS, MAX_NAME_CHARS
 from meshserve.pb.inference import grpc_service_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,8 @@ class Protection:
 def _stream_error(request: pb.ModelInferRequest, denied: Denied) -> pb.ModelStreamInferResponse:
     response = pb.ModelStreamInferResponse(
         error_message=denied.message,
-        infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
+        infer_response=pb.ModelInferResponse(model_name=request.model_name[:MAX_NAME_CHARS],
+                                             id=request.id[:MAX_ID_CHARS]))
     if denied.retry_after_ms is not None:
         response.infer_response.parameters["retry_after_ms"].int64_param = denied.retry_after_ms
     return response

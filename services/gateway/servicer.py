@@ -62,6 +62,7 @@ def to_call(request: pb.ModelInferRequest, time_remaining: float | None,
             route_key: str = "") -> InferCall:
     """Honoured parameters: priority, timeout, cache; sequence_* are refused; any other
     parameter is ignored (Triton hands them to the backend; our models take none)."""
+    convert.check_bounds(request)
     params = convert.params(request.parameters)
     for key in SEQUENCE_PARAMETERS:
         if key in params:
@@ -293,7 +294,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
     return pb.ModelStreamInferResponse(
         error_message=message,
-        infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name[:convert.MAX_NAME_CHARS],
+            id=request.id[:convert.MAX_ID_CHARS]),
     )
 
 
