@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from meshserve import __version__
 from meshserve.common import errors, tracing
+from meshserve.common.auth import ADMIN, CALLER
 from meshserve.common.grpcutil import grpc_errors, status_of
 from meshserve.gateway import convert
 from meshserve.gateway.core import Gateway, InferCall, InferOutcome
@@ -250,6 +251,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @grpc_errors
     async def RepositoryIndex(self, request, context):
         rows = await self.gateway.index(request.ready)
+        key = CALLER.get()
+        if key is not None:  # only the caller's models; file paths for admins only
+            root = str(self.gateway.repository.root)
+            rows = [(n, v, s, r if key.has(ADMIN) else r.replace(root, "<repository>"))
+                    for n, v, s, r in rows if key.allows(n)]
         return pb.RepositoryIndexResponse(models=[
             pb.RepositoryIndexResponse.ModelIndex(name=n, version=v, state=s, reason=r)
             for n, v, s, r in rows

@@ -187,3 +187,40 @@ def test_a_newline_in_a_model_name_is_escaped_in_the_log(start_gateway):
     log = gateway.log_path.read_text()
     assert "FORGED" in log  # the attempt is logged...
     assert not any(line.startswith("FORGED") for line in log.splitlines())  # ...on its line
+
+
+def test_reflection_and_the_index_are_behind_the_key_and_filtered(start_gateway, tmp_path):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    keys = tmp_path / "keys.json"
+    write_keys(keys, DIGITS, {"name": "ops", "key": "key-ops", "models": ["*"]},
+               {"name": "reader", "key": "key-reader", "models": ["digits"], "scopes": ["infer"]})
+    gateway = start_gateway("--api-keys-file", str(keys))
+
+    async def main():
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            async def index(key):
+                reply = await stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=30,
+                                                   metadata=(("authorization", f"Bearer {key}"),))
+                return {m.name for m in reply.models}
+
+            assert await index("key-reader") == {"digits"}
+            assert {"digits", "seqpool"} <= await index("key-ops")
+
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+            async def services(metadata=None):
+                request = reflection_pb2.ServerReflectionRequest(list_services="")
+                async for reply in reflect.ServerReflectionInfo(iter([request]), timeout=30,
+                                                                metadata=metadata):
+                    return {s.name for s in reply.list_services_response.service}
+
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await services()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            listed = await services((("authorization", "Bearer key-reader"),))
+            assert "inference.GRPCInferenceService" in listed
+
+    asyncio.run(main())
