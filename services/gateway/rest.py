@@ -119,7 +119,7 @@ async def _errors(request: web.Request, handler):
     except Exception:
         log.exception("HTTP %s %s failed", request.method, codec.shown(request.path))
         return error(500, "internal error")
-    if "Accept-Encoding" in request.headers and response.body_length > 256:
+    if "Accept-Encoding" in request.headers and len(response.body or b"") > 256:
         response.enable_compression()
     return response
 
