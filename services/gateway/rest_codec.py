@@ -130,6 +130,8 @@ def json_to_raw(data: object, dtype: str, shape: list[int], where: str) -> bytes
         array = np.asarray(data)
     except (ValueError, TypeError, OverflowError):
         raise InvalidInput(f"{where}.data: not a regular array of numbers") from None
+    if dtype == "UINT64" and array.dtype.kind in "fO":
+        array = _uint64(data, where)  # values past int64 made numpy fall back to float
     if array.size != count:
         raise InvalidInput(f"{where}.data: {array.size} values, expected {count} for shape {shape}")
     kind = array.dtype.kind
@@ -153,6 +155,13 @@ def json_to_raw(data: object, dtype: str, shape: list[int], where: str) -> bytes
         if array.min() < info.min or array.max() > info.max:
             raise InvalidInput(f"{where}.data: a value is out of range for {dtype}")
     return array.astype(dt.numpy).tobytes()
+
+
+def _uint64(data: object, where: str) -> np.ndarray:
+    flat = np.asarray(data, dtype=object).ravel()
+    if not all(type(v) is int and 0 <= v <= UINT64_MAX for v in flat):
+        raise InvalidInput(f"{where}.data: UINT64 values must be integers in range")
+    return flat.astype(np.uint64)
 
 
 def infer_request(model: str, version: str, body: dict,
