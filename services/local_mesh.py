@@ -27,6 +27,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     f = Flags("meshserve up", "Run the whole mesh on this machine.")
     f.add("--host", str, "127.0.0.1", "address the gateway binds")
     f.add("--port", int, 8001, "gateway gRPC port")
+    f.add("--http-port", int, 8000, "gateway HTTP/JSON port (-1: off)")
     f.add("--metrics-port", int, 8002, "gateway Prometheus port")
     f.add("--model-repository", str, "models", "model repository folder")
     f.add("--devices", str, "auto", "'auto' (one worker per GPU, else CPU), 'cpu', or cuda:0,cuda:1")
@@ -130,7 +131,7 @@ class LocalMesh:
                  host: str = "127.0.0.1", port: int = 8001, metrics_port: int = 8002,
                  log_level: str = "INFO", log_file=None, worker_flags: tuple[str, ...] = (),
                  batcher_flags: tuple[str, ...] = (), gateways: int = 1,
-                 gateway_flags: tuple[str, ...] = (), tls_dir: str = ""):
+                 gateway_flags: tuple[str, ...] = (), tls_dir: str = "", http_port: int = -1):
         """devices: one model worker each; gateways: processes sharing `port` (SO_REUSEPORT).
         With several workers each loads every model at start (replicas, not one holder)."""
         if gateways < 1:
@@ -139,6 +140,7 @@ class LocalMesh:
         self.repo = str(Path(model_repository).resolve())
         self.devices, self.redis_url = devices, redis_url
         self.host, self.port, self.metrics_port = host, port, metrics_port
+        self.http_port = http_port  # the gateways' HTTP/JSON port (-1: off); bound one after start
         self.log_level, self.log_file = log_level, log_file
         self.worker_flags, self.batcher_flags = worker_flags, batcher_flags
         self.gateway_flags = gateway_flags
@@ -179,7 +181,7 @@ class LocalMesh:
             *self.batcher_flags,
         )
         batcher_port = (await batcher.ready())["grpc"]
-        port = self.port
+        port, http_port = self.port, self.http_port
         for i in range(self.gateways):
             # The first binds the port (it may be 0); the others join it with SO_REUSEPORT.
             metrics_port = self.metrics_port if i == 0 or self.metrics_port < 0 else 0
@@ -188,9 +190,12 @@ class LocalMesh:
                 "--host", self.host, "--port", str(port), "--metrics-port", str(metrics_port),
                 "--model-repository", self.repo, "--reuse-port", str(self.gateways > 1),
                 "--batcher", f"127.0.0.1:{batcher_port}", "--cache", f"127.0.0.1:{cache_port}",
-                *cache_flags, *tls_flags(self.tls_dir), *self.gateway_flags,
+                *cache_flags, *tls_flags(self.tls_dir), "--http-port", str(http_port),
+                *self.gateway_flags,
             )
-            port = (await gateway.ready())["grpc"]
+            ports = await gateway.ready()
+            port, http_port = ports["grpc"], ports.get("http", -1)
+        self.http_port = http_port
         self.gateway_address = f"127.0.0.1:{port}"
         await load_models(self.gateway_address, self.repo, self.tls_dir)
 
@@ -211,7 +216,7 @@ class LocalMesh:
 async def run(args: argparse.Namespace) -> int:
     mesh = LocalMesh(args.model_repository, devices(args.devices, args.workers),
                      args.redis_url, args.host, args.port, args.metrics_port, args.log_level,
-                     gateways=args.gateways, tls_dir=args.tls_dir)
+                     gateways=args.gateways, tls_dir=args.tls_dir, http_port=args.http_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -229,6 +234,9 @@ async def run(args: argparse.Namespace) -> int:
         tls = f" --tls-ca {Path(args.tls_dir) / 'ca.crt'}" if args.tls_dir else ""
         say("try:  .venv/bin/meshserve infer digits --input-file models/digits/example.json"
             + tls)
+        if mesh.http_port >= 0:
+            say(f"http: curl -s {'https' if tls else 'http'}://{args.host}:{mesh.http_port}"
+                "/v2/models/digits" + tls.replace("--tls-ca", "--cacert"))
         say("stop: Ctrl-C")
         done, _ = await asyncio.wait([stop_task, *mesh.exited()],
                                      return_when=asyncio.FIRST_COMPLETED)
