@@ -349,3 +349,27 @@ def test_readme_curl_examples(mesh):
         outputs.append(json.loads(done.stdout))
     infer = [o for o in outputs if isinstance(o, dict) and "model_name" in o]
     assert infer and infer[0]["outputs"][0]["data"] == [8]  # the example is an 8
+
+
+def test_variable_length_model_over_http(mesh, hc, gc):
+    """models/seqpool (FP32 [-1, -1, 4]): loaded over HTTP, nested JSON and binary inputs of
+    two lengths, the same answers as gRPC."""
+    hc.load_model("seqpool")
+    assert hc.is_model_ready("seqpool")
+    example = json.loads((ROOT / "models" / "seqpool" / "example.json").read_text())["tokens"]
+    for x in (np.array(example, dtype=np.float32),
+              np.random.default_rng(3).random((2, 5, 4), dtype=np.float32)):
+        body = {"inputs": [{"name": "tokens", "shape": list(x.shape), "datatype": "FP32",
+                            "data": x.tolist()}], "parameters": {"cache": False}}
+        status, _, doc = infer_json(mesh, body, "/v2/models/seqpool/infer")
+        assert status == 200, doc
+        inp = tg.InferInput("tokens", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        expected = gc.infer("seqpool", [inp], parameters={"cache": False}).as_numpy("pooled")
+        [out] = doc["outputs"]
+        assert out["shape"] == list(expected.shape)
+        np.testing.assert_array_equal(np.array(out["data"], np.float32).reshape(expected.shape),
+                                      expected)
+        binary = th.InferInput("tokens", list(x.shape), "FP32")
+        binary.set_data_from_numpy(x, binary_data=True)
+        np.testing.assert_array_equal(hc.infer("seqpool", [binary]).as_numpy("pooled"), expected)
