@@ -46,6 +46,7 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
         f"{settings.host}:{settings.port}", SERVICES, settings.max_message_mb * MiB,
         reuse_port=settings.reuse_port, transport=transport,
         interceptors=[protection.ProtectionInterceptor(gateway.protection)],
+        limits=settings.connection_limits(),
     )
     servicer = InferenceServicer(gateway, GatewayMetrics(registry),
                                  settings.max_stream_concurrency, settings.trace_sample_ratio)
