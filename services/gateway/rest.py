@@ -23,7 +23,8 @@ import grpc
 from aiohttp import web
 
 from meshserve.common import errors
-from meshserve.common.grpcutil import STATUS_OF
+from meshserve.common.grpcutil import STATUS_MESSAGE_CHARS, status_of
+from meshserve.common.logs import clip
 from meshserve.common.transport import Transport
 from meshserve.gateway import rest_codec as codec
 from meshserve.gateway.protection import INFERENCE, Protection, ProtectionInterceptor
@@ -106,8 +107,7 @@ async def _errors(request: web.Request, handler):
     except Abort as e:
         return _aborted(e)
     except errors.MeshError as e:  # a malformed body, found before the servicer
-        code = STATUS_OF.get(type(e), grpc.StatusCode.INTERNAL)
-        return error(STATUS_HTTP.get(code, 500), str(e))
+        return error(STATUS_HTTP.get(status_of(e), 500), clip(str(e), STATUS_MESSAGE_CHARS))
     except web.HTTPRequestEntityTooLarge:
         return error(413, f"request body over the limit of {request.app['max_body']} bytes "
                      "(--max-message-mb)")
@@ -117,7 +117,7 @@ async def _errors(request: web.Request, handler):
         text = {404: "no such route", 405: f"method {request.method} is not allowed here"}
         return error(e.status, text.get(e.status, e.reason))
     except Exception:
-        log.exception("HTTP %s %s failed", request.method, codec.shown(request.path))
+        log.exception("HTTP %s %s failed", request.method, clip(request.path))
         return error(500, "internal error")
     if "Accept-Encoding" in request.headers and len(response.body or b"") > 256:
         response.enable_compression()

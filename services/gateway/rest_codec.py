@@ -19,6 +19,7 @@ from google.protobuf import descriptor, json_format
 
 from meshserve.common.datatypes import DATATYPES, element_count
 from meshserve.common.errors import InvalidInput
+from meshserve.common.logs import clip
 from meshserve.pb.inference import grpc_service_pb2 as pb
 
 # Triton's binary tensor data extension.
@@ -34,9 +35,8 @@ _SHOWN = 64  # characters of a client's string quoted in an error, at most
 
 
 def shown(text: object) -> str:
-    """A client-supplied string as it may appear in a message: bounded."""
-    s = str(text)
-    return repr(s) if len(s) <= _SHOWN else repr(s[:_SHOWN]) + "..."
+    """A client-supplied string as it may appear in a message: quoted and bounded."""
+    return repr(clip(text, _SHOWN))
 
 
 # --------------------------------------------------------------------------- request
