@@ -55,7 +55,9 @@ def result_to_pb(r: InferResult) -> batcher_pb2.InferResult:
 def report_from_pb(s: worker_pb2.WorkerStatus) -> WorkerReport:
     return WorkerReport(
         worker_id=s.worker_id, device=s.device,
-        models=tuple(HeldModel(m.model, m.version, m.state, m.byte_size) for m in s.models),
+        models=tuple(HeldModel(m.model, m.version, m.state, m.byte_size,
+                                tuple((b.batch_size, b.reason) for b in m.eager_buckets))
+                      for m in s.models),
         memory_used_bytes=s.memory_used_bytes, memory_limit_bytes=s.memory_limit_bytes,
         max_models=s.max_models, in_flight=s.in_flight, draining=s.draining,
     )

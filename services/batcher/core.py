@@ -478,9 +478,9 @@ class Batcher:
         for w in self.pool.holders(key):
             for m in w.report.models if w.report else ():
                 if (m.model, m.version) == key and m.eager_buckets:
-                    sizes = ", ".join(str(b.batch_size) for b in m.eager_buckets)
+                    sizes = ", ".join(str(size) for size, _ in m.eager_buckets)
                     notes.append(f"{w.address} runs batch sizes {sizes} eagerly "
-                                 f"({m.eager_buckets[0].reason})")
+                                 f"({m.eager_buckets[0][1]})")
         return "; ".join(notes)
 
     def note_reported(self) -> None:

@@ -28,6 +28,7 @@ class HeldModel:
     version: str
     state: str  # READY or LOADING
     byte_size: int = 0
+    eager_buckets: tuple[tuple[int, str], ...] = ()  # (batch size, why) where capture failed
 
 
 @dataclass(frozen=True, slots=True)
