@@ -125,16 +125,33 @@ async def _errors(request: web.Request, handler):
 
 
 class RestApi:
-    """The routes; `guarded` holds the servicer's handlers behind the interceptor."""
+    """The routes. Each guarded call goes through the protection interceptor per request,
+    exactly as on the gRPC port (ProtectionInterceptor.intercept_service, then the handler
+    it returns), onto the servicer's own method."""
 
-    def __init__(self, servicer, guarded: dict, max_body: int):
+    def __init__(self, servicer, protection: Protection | None, max_body: int):
         self.servicer = servicer
-        self.guarded = guarded
+        self.interceptor = ProtectionInterceptor(protection) if protection is not None else None
+        self.continuations = {name: _continuation(servicer, name) for name in GUARDED} \
+            if servicer is not None else {}
         self.max_body = max_body
         self.serving = False  # /v2/health/ready: set once the gateway serves, cleared to drain
 
-    async def call(self, method: str, message, request: web.Request):
-        return await self.guarded[method](message, HttpContext(request.headers))
+    async def call(self, method: str, request: web.Request, message):
+        """`message` through the servicer's `method` for this caller. The interceptor first
+        sees the headers alone: a refused caller is answered before its body is read (when
+        `message` is a coroutine function, it reads the body, and runs only once admitted)."""
+        context = HttpContext(request.headers)
+        handler = await self.interceptor.intercept_service(
+            self.continuations[method],
+            _CallDetails(INFERENCE + method, context.invocation_metadata()))
+        if handler.unary_unary is None:  # a refusal: it answers without reading a request
+            refuse = handler.stream_unary or handler.unary_stream or handler.stream_stream
+            await refuse(None, context)
+            raise errors.Internal(f"{method}: refused without a status")
+        if callable(message):
+            message = await message()
+        return await handler.unary_unary(message, context)
 
     async def body(self, request: web.Request) -> bytes:
         """The request body (decompressed), refused with 413 past the limit before it is
@@ -156,7 +173,7 @@ class RestApi:
     # ----------------------------------------------------------------- metadata
 
     async def server_metadata(self, request):
-        response = await self.call("ServerMetadata", pb.ServerMetadataRequest(), request)
+        response = await self.call("ServerMetadata", request, pb.ServerMetadataRequest())
         return web.json_response(codec.message_json(response))
 
     def _model(self, request, message_type):
@@ -164,44 +181,48 @@ class RestApi:
                             version=request.match_info.get("version", ""))
 
     async def model_metadata(self, request):
-        response = await self.call("ModelMetadata", self._model(request, pb.ModelMetadataRequest),
-                                   request)
+        response = await self.call("ModelMetadata", request,
+                                   self._model(request, pb.ModelMetadataRequest))
         return web.json_response(codec.message_json(response))
 
     async def model_ready(self, request):
         message = self._model(request, pb.ModelReadyRequest)
-        response = await self.call("ModelReady", message, request)
+        response = await self.call("ModelReady", request, message)
         return web.json_response({"name": message.name, "ready": response.ready},
                                  status=200 if response.ready else 503)
 
     async def model_config(self, request):
-        response = await self.call("ModelConfig", self._model(request, pb.ModelConfigRequest),
-                                   request)
+        response = await self.call("ModelConfig", request,
+                                   self._model(request, pb.ModelConfigRequest))
         return web.json_response(codec.message_json(response.config))
 
     async def model_stats(self, request):
         message = pb.ModelStatisticsRequest(name=request.match_info.get("model", ""),
                                             version=request.match_info.get("version", ""))
-        response = await self.call("ModelStatistics", message, request)
+        response = await self.call("ModelStatistics", request, message)
         return web.json_response(codec.message_json(response))
 
     # --------------------------------------------------------------- repository
 
     async def index(self, request):
-        body = codec.parse_json(await self.body(request))
-        ready = body.get("ready", False)
-        if not isinstance(ready, bool):
-            raise errors.InvalidInput("ready: expected a bool")
-        response = await self.call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready),
-                                   request)
+        async def message():
+            ready = codec.parse_json(await self.body(request)).get("ready", False)
+            if not isinstance(ready, bool):
+                raise errors.InvalidInput("ready: expected a bool")
+            return pb.RepositoryIndexRequest(ready=ready)
+
+        response = await self.call("RepositoryIndex", request, message)
         return web.json_response([
             {k: v for k, v in codec.message_json(m).items() if v != ""} for m in response.models])
 
     async def _repository(self, request, method: str, message_type):
-        body = codec.parse_json(await self.body(request))
-        message = message_type(model_name=request.match_info["model"])
-        codec.repository_parameters(body, message.parameters)
-        await self.call(method, message, request)
+        async def message():
+            body = codec.parse_json(await self.body(request))
+            m = message_type(model_name=request.match_info["model"])
+            codec.repository_parameters(body, m.parameters)
+            return m
+
+        await self.call(method, request, message)
         return web.Response(status=200)
 
     async def load(self, request):
@@ -214,12 +235,19 @@ class RestApi:
     # ---------------------------------------------------------------- inference
 
     async def infer(self, request):
-        raw = await self.body(request)
-        header, binary = codec.parse_body(raw, request.headers.get(codec.HEADER_LENGTH))
-        message, binary_outputs, binary_all = codec.infer_request(
-            request.match_info["model"], request.match_info.get("version", ""), header, binary)
-        response = await self.call("ModelInfer", message, request)
-        body, header_length = codec.infer_response(response, binary_outputs, binary_all)
+        answer_as = {}  # how the outputs are to be answered (binary or JSON)
+
+        async def message():
+            raw = await self.body(request)
+            header, binary = codec.parse_body(raw, request.headers.get(codec.HEADER_LENGTH))
+            m, answer_as["outputs"], answer_as["default"] = codec.infer_request(
+                request.match_info["model"], request.match_info.get("version", ""), header,
+                binary)
+            return m
+
+        response = await self.call("ModelInfer", request, message)
+        body, header_length = codec.infer_response(response, answer_as["outputs"],
+                                                   answer_as["default"])
         if header_length is None:
             return web.Response(body=body, content_type=JSON)
         return web.Response(body=body, content_type="application/octet-stream",
@@ -254,25 +282,19 @@ def routes(api: RestApi) -> list[web.RouteDef]:
     return out
 
 
-async def guard(servicer, protection: Protection) -> dict:
-    """The servicer's handlers as the gRPC server runs them: through the interceptor."""
-    interceptor = ProtectionInterceptor(protection)
-    guarded = {}
-    for name in GUARDED:
-        handler = grpc.unary_unary_rpc_method_handler(getattr(servicer, name))
+def _continuation(servicer, name: str):
+    """The servicer's method as the gRPC server's handler lookup would return it."""
+    handler = grpc.unary_unary_rpc_method_handler(getattr(servicer, name))
 
-        async def continuation(_details, handler=handler):
-            return handler
+    async def continuation(_details):
+        return handler
 
-        wrapped = await interceptor.intercept_service(
-            continuation, _CallDetails(INFERENCE + name, ()))
-        guarded[name] = wrapped.unary_unary
-    return guarded
+    return continuation
 
 
-async def create_app(servicer, protection: Protection, max_body: int) -> tuple[web.Application,
-                                                                                RestApi]:
-    api = RestApi(servicer, await guard(servicer, protection), max_body)
+def create_app(servicer, protection: Protection, max_body: int) -> tuple[web.Application,
+                                                                          RestApi]:
+    api = RestApi(servicer, protection, max_body)
     app = web.Application(middlewares=[_errors], client_max_size=max_body)
     app["max_body"] = max_body
     app.add_routes(routes(api))

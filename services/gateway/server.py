@@ -53,8 +53,7 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     http = None
     if settings.http_port >= 0:
-        app, api = await rest.create_app(servicer, gateway.protection,
-                                         settings.max_message_mb * MiB)
+        app, api = rest.create_app(servicer, gateway.protection, settings.max_message_mb * MiB)
         http = rest.RestServer(app, api, settings.host, settings.http_port, settings.reuse_port,
                                transport, settings.grace_s)
     # Async inference on the same port; gateway.tasks is its AsyncService.

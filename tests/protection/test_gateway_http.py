@@ -47,6 +47,9 @@ def gateway(start_gateway, tmp_path):
 def test_keys_scopes_and_models_over_http(gateway):
     infer = "/v2/models/digits/infer"
     assert call(gateway, "POST", infer, body=BODY)[0] == 401
+    # refused from the headers alone: a body is never parsed for a caller without a key
+    status, _, doc = call(gateway, "POST", infer, body=b"{not json")
+    assert status == 401 and "authorization" in doc["error"]
     status, _, doc = call(gateway, "POST", infer, "nope", BODY)
     assert status == 401 and doc == {"error": "unknown API key"}
     assert call(gateway, "POST", infer, body=BODY, auth="Basic a2V5")[0] == 401
