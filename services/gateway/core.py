@@ -106,7 +106,13 @@ class Catalog:
     def reload(self) -> None:
         """Reads every model (blocking: at start, or in a worker thread)."""
         read_at = time.monotonic()
-        self._entries = {name: self._read(name) for name in self.repository.names()}
+        entries = {}
+        for name in self.repository.names():
+            try:
+                entries[name] = self._read(name)
+            except NotFound:  # removed while we read
+                continue
+        self._entries = entries
         self._read_at = read_at
 
     def refresh(self, model: str) -> None:
