@@ -11,6 +11,7 @@ from meshserve.batcher.client import BatcherClient
 from meshserve.cache.client import CacheClient
 from meshserve.common import grpcutil, metrics, tracing
 from meshserve.common.backoff import Backoff
+from meshserve.common.control_store import GatewayControlStore, RedisControlStore
 from meshserve.common.grpcutil import MiB
 from meshserve.common.repository import ModelRepository
 from meshserve.common.settings import write_port_file
@@ -35,9 +36,12 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
     batcher = BatcherClient(settings.batcher, transport=transport)
     cache = (CacheClient(settings.cache, settings.cache_timeout_ms / 1000, transport=transport)
              if settings.cache else None)
+    # The cluster's model control: in Redis with --redis-url, else on every batcher.
+    control = (RedisControlStore(settings.redis_url) if settings.redis_url
+               else GatewayControlStore(settings.batcher, batcher.each, transport))
     gateway = Gateway(
         ModelRepository(settings.model_repository), batcher, cache,
-        cache_timeout_s=settings.cache_timeout_ms / 1000,
+        cache_timeout_s=settings.cache_timeout_ms / 1000, control=control,
     )
     # API keys, rate limits, load shedding: one interceptor (gateway/protection.py).
     gateway.protection = protection.create(settings, registry)
@@ -79,6 +83,7 @@ async def serve(settings: Settings) -> None:
     await server.start()
     log.info("gateway listening on %s:%d", settings.host, port)
     await _wait_for_batcher(gateway)
+    await gateway.control.start(gateway.apply_control)
     await gateway.tasks.start()
     await gateway.router.start()
     await grpcutil.set_serving(health, SERVICES, True)
@@ -89,6 +94,7 @@ async def serve(settings: Settings) -> None:
     await grpcutil.set_serving(health, SERVICES, False)
     await asyncio.gather(server.stop(settings.grace_s), gateway.tasks.stop(settings.grace_s))
     await gateway.router.close()
+    await gateway.control.close()
     await gateway.protection.close()
     await gateway.batcher.close()
     if gateway.cache is not None:
