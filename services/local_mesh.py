@@ -1,10 +1,11 @@
 """`meshserve up`: the whole mesh on one machine, each service its own process.
 
 Starts the cache, one model worker per visible GPU (else one CPU worker; --workers M for
-M of them, spread over the GPUs), the batcher and the gateway (--gateways N: N processes
-sharing the port with SO_REUSEPORT); waits until each is healthy; loads the repository's
-models; prints the address and a client command; prefixes every log line with its service's
-name; on Ctrl-C or SIGTERM drains the gateways first, then the batcher, then workers and cache.
+M of them, spread over the GPUs), the batcher (--batchers N: N of them, every gateway
+reaching all) and the gateway (--gateways N: N processes sharing the port with
+SO_REUSEPORT); waits until each is healthy; loads the repository's models; prints the
+address and a client command; prefixes every log line with its service's name; on Ctrl-C or
+SIGTERM drains the gateways first, then the batcher, then workers and cache.
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
           env="MESHSERVE_UP_GATEWAYS")
     f.add("--workers", int, 0, "model workers (0: one per GPU, else one on the CPU)",
           env="MESHSERVE_UP_WORKERS")
+    f.add("--batchers", int, 1, "batcher processes; every gateway reaches all of them",
+          env="MESHSERVE_UP_BATCHERS")
     f.add("--tls-dir", str, "", "mTLS between the services and TLS on the gateway, from "
           "DIR/ca.crt, DIR/tls.crt and DIR/tls.key (deploy/tls/make-dev-certs.sh DIR makes them)",
           env="MESHSERVE_UP_TLS_DIR")
     args = f.parse(argv)
-    if args.gateways < 1 or args.workers < 0:
-        f.parser.error("--gateways must be >= 1 and --workers >= 0")
+    if args.gateways < 1 or args.batchers < 1 or args.workers < 0:
+        f.parser.error("--gateways and --batchers must be >= 1 and --workers >= 0")
     if args.tls_dir:
         missing = [n for n in TLS_FILES if not (Path(args.tls_dir) / n).is_file()]
         if missing:
@@ -130,12 +133,12 @@ class LocalMesh:
                  host: str = "127.0.0.1", port: int = 8001, metrics_port: int = 8002,
                  log_level: str = "INFO", log_file=None, worker_flags: tuple[str, ...] = (),
                  batcher_flags: tuple[str, ...] = (), gateways: int = 1,
-                 gateway_flags: tuple[str, ...] = (), tls_dir: str = ""):
+                 gateway_flags: tuple[str, ...] = (), tls_dir: str = "", batchers: int = 1):
         """devices: one model worker each; gateways: processes sharing `port` (SO_REUSEPORT).
         With several workers each loads every model at start (replicas, not one holder)."""
         if gateways < 1:
             raise ValueError(f"gateways must be >= 1, got {gateways}")
-        self.gateways = gateways
+        self.gateways, self.batchers = gateways, batchers
         self.repo = str(Path(model_repository).resolve())
         self.devices, self.redis_url = devices, redis_url
         self.host, self.port, self.metrics_port = host, port, metrics_port
@@ -173,12 +176,13 @@ class LocalMesh:
         ]
         cache_port = (await cache.ready())["grpc"]
         worker_ports = [(await w.ready())["grpc"] for w in workers]
-        batcher = await self._start(
-            "batcher", "meshserve.batcher", *internal, "--model-repository", self.repo,
+        batchers = [await self._start(
+            "batcher" if self.batchers == 1 else f"batcher-{i}", "meshserve.batcher",
+            *internal, "--model-repository", self.repo,
             "--workers", ",".join(f"127.0.0.1:{p}" for p in worker_ports), "--load", "all",
-            *self.batcher_flags,
-        )
-        batcher_port = (await batcher.ready())["grpc"]
+            *cache_flags, *self.batcher_flags,  # Redis: the cluster's model control
+        ) for i in range(self.batchers)]
+        batcher_target = ",".join([f"127.0.0.1:{(await b.ready())['grpc']}" for b in batchers])
         port = self.port
         for i in range(self.gateways):
             # The first binds the port (it may be 0); the others join it with SO_REUSEPORT.
@@ -187,7 +191,7 @@ class LocalMesh:
                 "gateway" if self.gateways == 1 else f"gateway-{i}", "meshserve.gateway",
                 "--host", self.host, "--port", str(port), "--metrics-port", str(metrics_port),
                 "--model-repository", self.repo, "--reuse-port", str(self.gateways > 1),
-                "--batcher", f"127.0.0.1:{batcher_port}", "--cache", f"127.0.0.1:{cache_port}",
+                "--batcher", batcher_target, "--cache", f"127.0.0.1:{cache_port}",
                 *cache_flags, *tls_flags(self.tls_dir), *self.gateway_flags,
             )
             port = (await gateway.ready())["grpc"]
@@ -211,7 +215,7 @@ class LocalMesh:
 async def run(args: argparse.Namespace) -> int:
     mesh = LocalMesh(args.model_repository, devices(args.devices, args.workers),
                      args.redis_url, args.host, args.port, args.metrics_port, args.log_level,
-                     gateways=args.gateways, tls_dir=args.tls_dir)
+                     gateways=args.gateways, tls_dir=args.tls_dir, batchers=args.batchers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -223,7 +227,8 @@ async def run(args: argparse.Namespace) -> int:
     code = 0
     if up_task.done() and up_task.exception() is None:
         port = mesh.gateway_address.rsplit(":", 1)[1]
-        gateways = f" ({args.gateways} gateways)" if args.gateways > 1 else ""
+        gateways = f" ({args.gateways} gateways, {args.batchers} batchers)" \
+            if args.gateways > 1 or args.batchers > 1 else ""
         say(f"meshserve is serving on {args.host}:{port}{gateways} "
             f"(metrics http://{args.host}:{args.metrics_port}/metrics)")
         tls = f" --tls-ca {Path(args.tls_dir) / 'ca.crt'}" if args.tls_dir else ""
