@@ -76,9 +76,10 @@ def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) 
     f.add("--adaptive", _optional_bool, None, "override of batching.adaptive (empty: config)")
     f.add("--grace-s", float, 5.0, "grace period on shutdown")
     f.add("--startup-wait-s", float, 30.0, "wait this long for a first worker at start")
-    f.add("--redis-url", str, f.env.get("REDIS_URL", ""), "the mesh's Redis (redis://host:6379/0): the cluster's model "
-          "control (loaded models, default versions) is read and watched there; empty: "
-          "gateways write it to this batcher (also env REDIS_URL)")
+    f.add("--redis-url", str, f.env.get("REDIS_URL", ""),
+          "the mesh's Redis (redis://host:6379/0): the cluster's model control (loaded "
+          "models, default versions) is read and watched there; empty: gateways write it "
+          "to this batcher (also env REDIS_URL)")
     transport.add_flags(f)
     a = f.parse(argv)
     return Settings(
