@@ -22,6 +22,7 @@ from meshserve.batcher.workers import Key, Worker, WorkerPool
 from meshserve.common import tracing
 from meshserve.common.errors import (
     Cancelled,
+    ConfigError,
     Internal,
     InvalidInput,
     MeshError,
@@ -357,10 +358,16 @@ class Batcher:
     # ------------------------------------------------------------------ models
 
     def want(self, models: list[str]) -> list[Key]:
-        """Marks models (every version the policy selects) wanted, e.g. from --load."""
+        """Marks models (every version the policy selects) wanted, e.g. from --load. A model
+        whose config is broken is skipped (logged; the index shows it UNAVAILABLE)."""
         keys = []
         for name in models:
-            for v in self.repository.served_versions(name):
+            try:
+                served = self.repository.served_versions(name)
+            except ConfigError as e:
+                log.error("model %s not loaded: %s", name, e)
+                continue
+            for v in served:
                 key = (name, str(v))
                 self._wanted.add(key)
                 self._unwanted.discard(key)
@@ -428,7 +435,12 @@ class Batcher:
         return [s for s in self.model_states(model) if s.version in versions]
 
     def _known_versions(self, model: str) -> list[str]:
-        on_disk = {str(v) for v in self.repository.versions(model)}
+        """Versions on disk and held by a worker (only those held when the config is broken:
+        one broken model must not break every other model's states)."""
+        try:
+            on_disk = {str(v) for v in self.repository.versions(model)}
+        except ConfigError:
+            on_disk = set()
         held = {
             m.version for w in self.pool.connected() if w.report
             for m in w.report.models if m.model == model

@@ -2,7 +2,9 @@
 limit, applied by ONE server interceptor on the gateway's port.
 
 - Authentication: gRPC metadata `authorization: Bearer <key>`, looked up by its SHA-256 in
-  the keys file (common.auth.KeyStore): missing, malformed or unknown -> UNAUTHENTICATED.
+  the keys file (common.auth.KeyStore): missing, malformed or unknown -> UNAUTHENTICATED,
+  decided (with the method's scope below) from the metadata alone, before the request
+  message is read or parsed.
 - Permission: the method needs a scope of the key (SCOPE_OF below: "infer" for inference,
   metadata and async tasks, "admin" for load/unload, routing, statistics and settings; a
   method not listed needs "admin"), and the model comes from the request message, per method
@@ -237,8 +239,16 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
         self._handlers: dict[str, tuple[object, object]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        if self.protection.auth and not method.startswith(OPEN_PREFIXES):
+            # Authentication before the body: a caller without a valid key is refused from
+            # its metadata alone; its message is never read nor parsed.
+            p = self.protection
+            key = p.authenticate(handler_call_details.invocation_metadata)
+            denied = key if isinstance(key, Denied) else p.authorize(key, [], scope_of(method))
+            if denied is not None:
+                return _refusal(denied)
+        handler = await continuation(handler_call_details)
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
         cached = self._handlers.get(method)
@@ -387,6 +397,17 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
             await check(request, context)
             return await inner(request, context)
         return unary
+
+
+def _refusal(denied: Denied):
+    """A handler that answers `denied` without reading the request: a request-streaming
+    handler is never handed a message it does not ask for (the wire is the same for every
+    kind of call, so it answers a unary call as well)."""
+
+    async def refuse(_request_iterator, context):
+        await _abort(context, denied)
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 def _behavior(handler):

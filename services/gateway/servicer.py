@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from meshserve import __version__
 from meshserve.common import errors, tracing
-from meshserve.common.grpcutil import STATUS_OF, grpc_errors
+from meshserve.common.grpcutil import grpc_errors, status_of
 from meshserve.gateway import convert
 from meshserve.gateway.core import Gateway, InferCall, InferOutcome
 from meshserve.pb.inference import grpc_service_pb2 as pb
@@ -58,9 +58,20 @@ def _int_param(params: dict, key: str) -> int:
     return value
 
 
+# Triton's sequence batcher (stateful models) correlates requests by these parameters.
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+
+
 def to_call(request: pb.ModelInferRequest, time_remaining: float | None,
             route_key: str = "") -> InferCall:
+    """Honoured parameters: priority, timeout, cache; sequence_* are refused; any other
+    parameter is ignored (Triton hands them to the backend; our models take none)."""
     params = convert.params(request.parameters)
+    for key in SEQUENCE_PARAMETERS:
+        if key in params:
+            raise errors.InvalidInput(
+                f"request parameter '{key}': sequence batching is not supported "
+                "(meshserve serves stateless models; send each request on its own)")
     priority = _int_param(params, "priority")
     timeout_us = _int_param(params, "timeout")
     if timeout_us < 0:
@@ -131,7 +142,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 response.parameters["cache_hit"].bool_param)
             return response
         except errors.MeshError as e:
-            code, detail = STATUS_OF.get(type(e), grpc.StatusCode.INTERNAL).name, str(e)
+            code, detail = status_of(e).name, str(e)
             raise
         except asyncio.CancelledError:
             code = "CANCELLED"
@@ -144,7 +155,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 tracing.log_request(log, trace, "ModelInfer %s version %r: %s in %.2f ms: %s",
                                     request.model_name, request.model_version, code,
                                     (time.perf_counter() - started) * 1e3, detail, error=True)
-            model = request.model_name if code != "NOT_FOUND" else "_unknown"
+            model = self.gateway.metric_label(request.model_name)
             self.metrics.requests.labels(model, code).inc()
             self.metrics.seconds.labels(model).observe(time.perf_counter() - started)
 
