@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from meshserve.common import grpcutil
 from meshserve.common.errors import Unavailable
+from meshserve.common.logs import clip, redact_url
 from meshserve.common.model_control import Control, decode, from_pb, to_pb
 from meshserve.common.shared_state import (
     Board,
@@ -57,7 +58,7 @@ class RedisControlStore:
         self.synced = Synced(apply)
         self._task = await start_watch(
             watch_redis(self.redis, REDIS_HASH, REDIS_CHANNEL, self.synced, decode, WHAT),
-            self.synced, self.start_wait_s, WHAT, f"Redis at {self.url}")
+            self.synced, self.start_wait_s, WHAT, f"Redis at {redact_url(self.url)}")
 
     async def put(self, control: Control) -> None:
         try:
@@ -118,7 +119,7 @@ class GatewayControlStore:
         failed = [(a, r) for a, r in answers if isinstance(r, Exception)]
         for address, error in failed:
             log.warning("model control of %s not stored on the batcher at %s: %s",
-                        control.model, address, error)
+                        clip(control.model), address, error)
         if len(failed) == len(answers):
             raise Unavailable(f"no batcher stored the model control of '{control.model}': "
                               + "; ".join(f"{a}: {e}" for a, e in failed))

@@ -18,11 +18,14 @@ from grpc_reflection.v1alpha import reflection
 
 from meshserve.common import errors
 from meshserve.common.errors import ConfigError
+from meshserve.common.logs import clip
 from meshserve.common.transport import PLAINTEXT, Transport
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+# A status message at most this long (it quotes client strings; see grpc_errors).
+STATUS_MESSAGE_CHARS = 1000
 
 # The one table from domain errors to gRPC status codes (by the error's code_name, so a
 # subclass such as ConfigError answers its own code).
@@ -65,7 +68,9 @@ def grpc_errors(method: Callable) -> Callable:
 
     async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, name: str):
         if isinstance(exc, errors.MeshError):
-            await context.abort(status_of(exc), str(exc))
+            # The message may quote what the client sent (a 1 MB model name): bounded, as
+            # it travels in a trailer (clients refuse metadata over 16 KiB).
+            await context.abort(status_of(exc), clip(str(exc), STATUS_MESSAGE_CHARS))
         log.exception("unexpected error in %s", name)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name}")
 

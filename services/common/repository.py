@@ -33,7 +33,7 @@ PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _COMPILABLE = ("torch_export", "mlp_checkpoint")
 _CASTABLE = ("torchscript", "torch_export", "mlp_checkpoint")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-_TORCH_DATATYPES = tuple(n for n, d in DATATYPES.items() if d.torch is not None)
+_TORCH_DATATYPES = tuple(n for n, d in DATATYPES.items() if d.torch_name is not None)
 
 
 @dataclass(frozen=True, slots=True)

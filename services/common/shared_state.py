@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Generic, TypeVar
 
 from meshserve.common.backoff import Backoff
+from meshserve.common.logs import clip
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ async def watch_redis(redis, key: str, channel: str, synced: Synced,
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
                         continue
-                    model = message["data"].decode()
+                    model = message["data"].decode(errors="replace")
                     synced.change(model, decode(model, await redis.hget(key, model)))
         except asyncio.CancelledError:
             raise
@@ -126,7 +127,8 @@ class Board:
             self.entries.pop(change.model, None)
         else:
             self.entries[change.model] = change
-        log.info("%s of %s %s", self.what, change.model, "removed" if change.deleted else "set")
+        log.info("%s of %s %s", self.what, clip(change.model),
+                 "removed" if change.deleted else "set")
         for q in list(self._watchers):
             q.put_nowait(change)
         for listener in self.listeners:

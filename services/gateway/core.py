@@ -21,6 +21,7 @@ from meshserve.common.errors import (
     NotFound,
     Unavailable,
 )
+from meshserve.common.logs import clip
 from meshserve.common.model_control import Control
 from meshserve.common.repository import ModelConfig, ModelRepository, check_model_name
 from meshserve.common.validation import (
@@ -279,6 +280,19 @@ class Gateway:
         response = await self.batcher.model_states(model)
         return list(response.versions)
 
+    async def graph_buckets(self, model: str, version: str
+                            ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """(CUDA graph batch sizes, eager batch sizes) of a READY version as its workers
+        report them; None when none holds it or the batcher does not answer."""
+        try:
+            states = await self.states(model)
+        except MeshError:
+            return None
+        for s in states:
+            if s.version == version and s.state == "READY":
+                return tuple(s.graph_buckets), tuple(s.eager_buckets)
+        return None
+
     async def model_ready(self, model: str, version: str) -> bool:
         _config, version = self.catalog.resolve(model, version)
         for state in await self.states(model):
@@ -404,7 +418,7 @@ class Gateway:
             else:
                 await self.cache.invalidate(model)
         except Exception as e:  # noqa: BLE001 - generations still protect against staleness
-            log.warning("cache invalidation of %s failed: %s", model, e)
+            log.warning("cache invalidation of %s failed: %s", clip(model), clip(e))
 
     async def statistics(self, model: str, version: str) -> tuple[list[tuple], list[str]]:
         """Per model version: the counts of EVERY batcher summed, and this gateway's cache

@@ -44,6 +44,8 @@ INFERENCE = "/inference.GRPCInferenceService/"
 ASYNC = "/meshserve.v1.AsyncInference/"
 ROUTING = "/meshserve.v1.Routing/"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Responses and refusals of one ModelStreamInfer waiting to be written, at most.
+STREAM_BUFFER = 64
 
 MODEL_INFER = INFERENCE + "ModelInfer"
 MODEL_STREAM_INFER = INFERENCE + "ModelStreamInfer"
@@ -314,10 +316,12 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
         return submit
 
     def _stream_infer(self, inner):
-        """Each message: admitted (then counted until its response) or answered at once
-        with its refusal; responses of the servicer and refusals merge into one stream."""
+        """Each message: admitted (then counted until its response is written) or answered
+        at once with its refusal; responses of the servicer and refusals merge into one
+        stream through a small buffer: a client that does not read stops the reading of
+        its requests, and holds its concurrency slots, instead of growing memory."""
         p = self.protection
-        done = object()
+        done = (None, False)
 
         async def stream(request_iterator, context):
             key = p.authenticate(context.invocation_metadata())
@@ -325,8 +329,8 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
                 await _abort(context, key)
                 return
             CALLER.set(key)
-            out: asyncio.Queue = asyncio.Queue()
-            pending = 0  # admitted, not answered yet
+            out: asyncio.Queue = asyncio.Queue(STREAM_BUFFER)  # (response, admitted)
+            pending = 0  # admitted, response not written yet
 
             async def admitted():
                 nonlocal pending
@@ -337,25 +341,29 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
                         if denied is not None:
                             p.release()
                     if denied is not None:
-                        out.put_nowait(_stream_error(request, denied))
+                        await out.put((_stream_error(request, denied), False))
                         continue
                     pending += 1
                     yield request
 
             async def pump():
-                nonlocal pending
                 try:
                     async for response in inner(admitted(), context):
-                        pending -= 1
-                        p.release()
-                        out.put_nowait(response)
-                finally:
-                    out.put_nowait(done)
+                        await out.put((response, True))
+                except asyncio.CancelledError:
+                    raise  # the stream is gone: nobody reads `out` any more
+                except Exception:
+                    await out.put(done)
+                    raise
+                await out.put(done)
 
             task = asyncio.create_task(pump())
             try:
                 while (item := await out.get()) is not done:
-                    yield item
+                    yield item[0]
+                    if item[1]:
+                        pending -= 1
+                        p.release()
                 await task
             finally:
                 task.cancel()

@@ -17,6 +17,7 @@ import grpc
 import redis.asyncio as aioredis
 
 from meshserve.common import grpcutil
+from meshserve.common.logs import redact_url
 from meshserve.common.shared_state import (
     Synced,
     put_redis,
@@ -113,7 +114,7 @@ class RedisPolicyStore(PolicyStore):
     async def start(self, apply: Apply) -> None:
         self.synced = Synced(apply)
         self._task = await start_watch(self._watch(), self.synced, self.start_wait_s,
-                                       "routing policies", f"Redis at {self.url}")
+                                       "routing policies", f"Redis at {redact_url(self.url)}")
 
     async def put(self, policy: Policy) -> None:
         await put_redis(self.redis, REDIS_HASH, REDIS_CHANNEL, policy.model,
