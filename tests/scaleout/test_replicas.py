@@ -228,3 +228,12 @@ def test_a_restarted_batcher_catches_up_with_the_model_control(mesh):
             assert (await infer(mesh, g)).model_version == "2"
 
     asyncio.run(go())
+
+
+def test_up_takes_batchers():
+    from meshserve import local_mesh
+
+    assert local_mesh.parse(["--batchers", "2", "--gateways", "2"]).batchers == 2
+    assert local_mesh.parse([]).batchers == 1
+    with pytest.raises(SystemExit):
+        local_mesh.parse(["--batchers", "0"])
