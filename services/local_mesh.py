@@ -93,6 +93,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     f = Flags("meshserve up", "Run the whole mesh on this machine.")
     f.add("--host", str, "127.0.0.1", "address the gateway binds")
     f.add("--port", int, 8001, "gateway gRPC port")
+    f.add("--http-port", int, 8000, "gateway HTTP/JSON port (-1: off)")
     f.add("--metrics-port", int, 8002, "gateway Prometheus port (-1: none)")
     f.add("--model-repository", str, "models", "model repository folder")
     f.add("--devices", str, "auto", "'auto' (one worker per GPU, else CPU), 'cpu', or cuda:0,cuda:1")
@@ -409,7 +410,7 @@ class LocalMesh:
                  batcher_flags: tuple[str, ...] = (), gateways: int = 1,
                  gateway_flags: tuple[str, ...] = (), tls_dir: str = "",
                  restart_limit: int = RESTART_LIMIT, restart_first_s: float = RESTART_FIRST_S,
-                 batchers: int = 1):
+                 http_port: int = -1, batchers: int = 1):
         """devices: one model worker each; gateways: processes sharing `port`
         (SO_REUSEPORT); batchers: each gateway reaches every one."""
         if gateways < 1:
@@ -418,6 +419,7 @@ class LocalMesh:
         self.repo = str(Path(model_repository).resolve())
         self.devices, self.redis_url = devices, redis_url
         self.host, self.port, self.metrics_port = host, port, metrics_port
+        self.http_port = http_port  # the gateways' HTTP/JSON port (-1: off); the bound one once up
         self.log_level, self.log_file = log_level, log_file
         self.worker_flags, self.batcher_flags = worker_flags, batcher_flags
         self.gateway_flags = gateway_flags
@@ -467,7 +469,7 @@ class LocalMesh:
                 *cache_flags, *self.batcher_flags)))  # Redis: the cluster's model control
             for i in range(self.batchers)]
         batcher_target = ",".join([f"127.0.0.1:{(await b.ready())['grpc']}" for b in batchers])
-        port = self.port
+        port, http_port = self.port, self.http_port
         for i in range(self.gateways):
             # The first binds the port (it may be 0); the others join it with SO_REUSEPORT.
             metrics_port = self.metrics_port if i == 0 or self.metrics_port < 0 else 0
@@ -475,9 +477,11 @@ class LocalMesh:
                 "gateway" if self.gateways == 1 else f"gateway-{i}", "gateway",
                 ("--model-repository", self.repo, "--reuse-port", str(self.gateways > 1),
                  "--batcher", batcher_target, "--cache", f"127.0.0.1:{cache_port}",
-                 *cache_flags, *internal, *self.gateway_flags),
+                 *cache_flags, *internal, "--http-port", str(http_port), *self.gateway_flags),
                 host=self.host, port=port, metrics_port=metrics_port))
-            port = (await gateway.ready())["grpc"]
+            ports = await gateway.ready()
+            port, http_port = ports["grpc"], ports.get("http", -1)
+        self.http_port = http_port
         self.gateway_address = f"127.0.0.1:{port}"
         await load_models(self.gateway_address, self.repo, self.tls_dir, self.log_file)
         self._supervisors = [asyncio.create_task(self._supervise(s)) for s in self.children]
@@ -556,6 +560,7 @@ class LocalMesh:
 async def run(args: argparse.Namespace) -> int:
     problem = taken_port([(args.host, args.port, "gateway, --port"),
                           (args.host, args.metrics_port, "gateway metrics, --metrics-port"),
+                          (args.host, args.http_port, "gateway HTTP, --http-port"),
                           (args.host, args.up_metrics_port, "up metrics, --up-metrics-port")])
     if problem:
         say(problem)
@@ -563,7 +568,8 @@ async def run(args: argparse.Namespace) -> int:
     mesh = LocalMesh(args.model_repository, devices(args.devices, args.workers),
                      args.redis_url, args.host, args.port, args.metrics_port, args.log_level,
                      gateways=args.gateways, tls_dir=args.tls_dir,
-                     restart_limit=args.restart_limit, batchers=args.batchers)
+                     restart_limit=args.restart_limit, http_port=args.http_port,
+                     batchers=args.batchers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -610,6 +616,9 @@ def announce(mesh: LocalMesh, args: argparse.Namespace, up_metrics_port: int | N
         say(f"{'metrics:' if i == 0 else '':<9}{name:<10}{url}")
     tls = f" --tls-ca {Path(args.tls_dir) / 'ca.crt'}" if args.tls_dir else ""
     say("try:  .venv/bin/meshserve infer digits --input-file models/digits/example.json" + tls)
+    if mesh.http_port >= 0:
+        say(f"http: curl -s {'https' if tls else 'http'}://{args.host}:{mesh.http_port}"
+            "/v2/models/digits" + tls.replace("--tls-ca", "--cacert"))
     say("stop: Ctrl-C")
 
 
