@@ -385,9 +385,16 @@ class Gateway:
         control = previous.then(True, all_versions,
                                 old_default if default_version is None else default_version)
         await self._put_control(control)
-        response = await self.batcher.load_model(model, versions)
+        try:
+            response = await self.batcher.load_model(model, versions)
+        except MeshError:
+            # A reload that failed for one version may have swapped in another's new files.
+            await self._invalidate(model, versions)
+            if control.default_version != old_default:  # the new default is not served
+                await self._put_control(control.then(True, all_versions, old_default))
+            raise
         failed = [s for s in response.versions if s.state != "READY"]
-        # A reload must never serve results computed by the previous load.
+        # Once every swap is done: a reload must never serve results of the previous files.
         await self._invalidate(model, [s.version for s in response.versions])
         if failed:
             if control.default_version != old_default:  # the new default is not served
