@@ -252,13 +252,14 @@ def describe_exit(code: int) -> str:
 
 
 _LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ ")
+_CRITICAL = re.compile(r"^.*? CRITICAL [\w.]+: ")
 
 
 def stop_cause(lines: list[str]) -> str:
     """See Service.cause."""
     for line in reversed(lines):
         if " CRITICAL " in line:
-            return _LOG_PREFIX.sub("", line.strip())
+            return _CRITICAL.sub("", line.strip())
     cause, in_traceback, ignored = "", False, False
     for i, line in enumerate(lines):
         if line.startswith("Traceback (most recent call last):"):
@@ -497,8 +498,9 @@ class LocalMesh:
             if service.quick_crashes > self.restart_limit:
                 service.gave_up = True
                 self.metrics.gave_up.labels(service.name).set(1)
-                self._lost(service, f"{service.name} crashed {service.quick_crashes} times in "
-                           f"a row, each within {QUICK_CRASH_S:.0f}s of its start; giving up on "
+                n = service.quick_crashes
+                self._lost(service, f"{service.name} crashed {n} times in a row ({n - 1} "
+                           f"restarts, each ending within {QUICK_CRASH_S:.0f}s); giving up on "
                            f"it (last: {why})")
                 return
             delay_s = min(self.restart_first_s * 2 ** (service.quick_crashes - 1),
@@ -549,6 +551,9 @@ async def run(args: argparse.Namespace) -> int:
     problem = taken_port([(args.host, args.port, "gateway, --port"),
                           (args.host, args.metrics_port, "gateway metrics, --metrics-port"),
                           (args.host, args.up_metrics_port, "up metrics, --up-metrics-port")])
+    if not Path(args.model_repository).is_dir():
+        problem = (f"--model-repository {args.model_repository}: no such folder; nothing was "
+                   "started")
     if problem:
         say(problem)
         return 1
@@ -605,6 +610,8 @@ def announce(mesh: LocalMesh, args: argparse.Namespace, up_metrics_port: int | N
 
 
 async def load_models(target: str, repo: str, tls_dir: str = "", out=None) -> None:
+    import grpc
+
     from meshserve.client import AsyncClient
 
     tls = {"tls_ca": str(Path(tls_dir) / "ca.crt")} if tls_dir else {}
@@ -614,7 +621,9 @@ async def load_models(target: str, repo: str, tls_dir: str = "", out=None) -> No
                 await client.load_model(name)
                 say(f"model '{name}' loaded", out)
             except Exception as e:  # noqa: BLE001 - one bad model must not stop the mesh
-                say(f"model '{name}' failed to load: {e}", out)
+                why = (f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError)
+                       else str(e))
+                say(f"model '{name}' failed to load: {why}", out)
 
 
 def main(argv: list[str]) -> int:
