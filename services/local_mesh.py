@@ -616,7 +616,14 @@ async def load_models(target: str, repo: str, tls_dir: str = "", out=None) -> No
 
     tls = {"tls_ca": str(Path(tls_dir) / "ca.crt")} if tls_dir else {}
     async with AsyncClient(target, **tls) as client:
+        # The batcher loaded them (--load all); loading a READY model again would reload it.
+        states: dict[str, set[str]] = {}
+        for m in (await client.index()).models:
+            states.setdefault(m.name, set()).add(m.state)
         for name in sorted(p.parent.name for p in Path(repo).glob("*/config.json")):
+            if states.get(name) == {"READY"}:
+                say(f"model '{name}' loaded", out)
+                continue
             try:
                 await client.load_model(name)
                 say(f"model '{name}' loaded", out)

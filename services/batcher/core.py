@@ -23,6 +23,7 @@ from meshserve.common import tracing
 from meshserve.common.errors import (
     Cancelled,
     ConfigError,
+    FailedPrecondition,
     Internal,
     InvalidInput,
     MeshError,
@@ -384,8 +385,44 @@ class Batcher:
             if not v.isdigit() or int(v) not in on_disk:
                 raise NotFound(f"model '{model}' has no version {v!r} in the model repository")
         keys = [(model, str(int(v))) for v in versions]
-        await asyncio.gather(*(self.ensure_loaded(k) for k in keys))
+        await asyncio.gather(*(self._load_or_reload(k) for k in keys))
         return [s for s in self.model_states(model) if (s.model, s.version) in keys]
+
+    async def _load_or_reload(self, key: Key) -> None:
+        """RepositoryModelLoad: a version workers hold READY is read from disk again on
+        each of them (Triton's reload); anywhere else it is loaded."""
+        holders = self.pool.holders(key)
+        if not holders:
+            await self.ensure_loaded(key)
+            return
+        self._wanted.add(key)
+        self._unwanted.discard(key)
+        await self._reload(key, holders)
+
+    async def _reload(self, key: Key, holders: list[Worker]) -> None:
+        """Each holder warms the new files, then swaps them in (its batches keep running
+        meanwhile). Holders whose reload failed drop the version, so that every answer
+        comes from the new files; FailedPrecondition when every holder failed (the
+        previous files keep serving)."""
+        model, version = key
+        log.info("reloading %s version %s on %s", model, version,
+                 ", ".join(w.address for w in holders))
+        results = await asyncio.gather(
+            *(w.link.load(model, version, reload=True) for w in holders), return_exceptions=True)
+        failed = [(w, r) for w, r in zip(holders, results, strict=True)
+                  if isinstance(r, BaseException)]
+        for w, e in failed:
+            log.warning("reloading %s version %s on %s failed: %s", model, version, w.address, e)
+        if not failed:
+            return
+        if len(failed) == len(holders):
+            raise FailedPrecondition(
+                f"reloading model '{model}' version {version} failed, its previous files "
+                f"keep serving: {failed[0][1]}")
+        log.warning("unloading %s version %s from %s: every answer comes from the new files",
+                    model, version, ", ".join(w.address for w, _ in failed))
+        await asyncio.gather(*(w.link.unload(model, version) for w, _ in failed),
+                             return_exceptions=True)
 
     async def ensure_loaded(self, key: Key) -> None:
         """Marks a version wanted and returns once a worker holds it READY or loading failed."""

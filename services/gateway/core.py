@@ -65,6 +65,7 @@ class _Entry:
     on_disk: tuple[str, ...] = ()  # version folders holding the model file
     versions: tuple[str, ...] = ()  # served: the version policy's choice of on_disk
     error: MeshError | None = None
+    problem: str = ""  # no version folder holds the model file: which file, what is there
 
 
 @dataclass(slots=True)
@@ -98,12 +99,20 @@ class Catalog:
         except ConfigError as e:
             return _Entry(None, error=e)
         served = config.version_policy.select(on_disk)
-        return _Entry(config, tuple(str(v) for v in on_disk), tuple(str(v) for v in served))
+        problem = "" if on_disk else self.repository.missing_file(model, "", config)
+        return _Entry(config, tuple(str(v) for v in on_disk), tuple(str(v) for v in served),
+                      problem=problem)
 
     def reload(self) -> None:
         """Reads every model (blocking: at start, or in a worker thread)."""
         read_at = time.monotonic()
-        self._entries = {name: self._read(name) for name in self.repository.names()}
+        entries = {}
+        for name in self.repository.names():
+            try:
+                entries[name] = self._read(name)
+            except NotFound:  # removed while we read
+                continue
+        self._entries = entries
         self._read_at = read_at
 
     def refresh(self, model: str) -> None:
@@ -304,14 +313,15 @@ class Gateway:
 
     async def index(self, ready_only: bool) -> list[tuple[str, str, str, str]]:
         """(model, version, state, reason) for every version of every model on disk; a
-        model whose config is broken is one UNAVAILABLE row giving the reason."""
+        model whose config is broken, or without any version holding its model file, is
+        one UNAVAILABLE row giving the reason."""
         await self.catalog.reload_now()
         states = {(s.model, s.version): s for s in await self.states("")}
         rows = []
         for name, entry in sorted(self.catalog.entries().items()):
-            if entry.error is not None:
+            if entry.error is not None or entry.problem:
                 if not ready_only:
-                    rows.append((name, "", "UNAVAILABLE", str(entry.error)))
+                    rows.append((name, "", "UNAVAILABLE", entry.problem or str(entry.error)))
                 continue
             for version in entry.on_disk:
                 s = states.get((name, version))
@@ -335,9 +345,7 @@ class Gateway:
                 raise FailedPrecondition(
                     f"model '{model}': its version_policy selects none of the versions on "
                     f"disk ({', '.join(entry.on_disk)})")
-            raise FailedPrecondition(
-                f"model '{model}' has no version to load: "
-                + await asyncio.to_thread(self.repository.missing_file, model, "", entry.config))
+            raise FailedPrecondition(f"model '{model}' has no version to load: {entry.problem}")
         if default_version is not None:
             wanted = versions or entry.versions
             if default_version not in wanted:
