@@ -92,6 +92,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     f = Flags("meshserve up", "Run the whole mesh on this machine.")
     f.add("--host", str, "127.0.0.1", "address the gateway binds")
     f.add("--port", int, 8001, "gateway gRPC port")
+    f.add("--http-port", int, 8000, "gateway HTTP/JSON port (-1: off)")
     f.add("--metrics-port", int, 8002, "gateway Prometheus port (-1: none)")
     f.add("--model-repository", str, "models", "model repository folder")
     f.add("--devices", str, "auto", "'auto' (one worker per GPU, else CPU), 'cpu', or cuda:0,cuda:1")
@@ -404,7 +405,8 @@ class LocalMesh:
                  log_level: str = "INFO", log_file=None, worker_flags: tuple[str, ...] = (),
                  batcher_flags: tuple[str, ...] = (), gateways: int = 1,
                  gateway_flags: tuple[str, ...] = (), tls_dir: str = "",
-                 restart_limit: int = RESTART_LIMIT, restart_first_s: float = RESTART_FIRST_S):
+                 restart_limit: int = RESTART_LIMIT, restart_first_s: float = RESTART_FIRST_S,
+                 http_port: int = -1):
         """devices: one model worker each; gateways: processes sharing `port`
         (SO_REUSEPORT)."""
         if gateways < 1:
@@ -413,6 +415,7 @@ class LocalMesh:
         self.repo = str(Path(model_repository).resolve())
         self.devices, self.redis_url = devices, redis_url
         self.host, self.port, self.metrics_port = host, port, metrics_port
+        self.http_port = http_port  # the gateways' HTTP/JSON port (-1: off); the bound one once up
         self.log_level, self.log_file = log_level, log_file
         self.worker_flags, self.batcher_flags = worker_flags, batcher_flags
         self.gateway_flags = gateway_flags
@@ -460,7 +463,7 @@ class LocalMesh:
             "--workers", ",".join(f"127.0.0.1:{p}" for p in worker_ports), "--load", "all",
             *self.batcher_flags)))
         batcher_port = (await batcher.ready())["grpc"]
-        port = self.port
+        port, http_port = self.port, self.http_port
         for i in range(self.gateways):
             # The first binds the port (it may be 0); the others join it with SO_REUSEPORT.
             metrics_port = self.metrics_port if i == 0 or self.metrics_port < 0 else 0
@@ -468,9 +471,11 @@ class LocalMesh:
                 "gateway" if self.gateways == 1 else f"gateway-{i}", "gateway",
                 ("--model-repository", self.repo, "--reuse-port", str(self.gateways > 1),
                  "--batcher", f"127.0.0.1:{batcher_port}", "--cache", f"127.0.0.1:{cache_port}",
-                 *cache_flags, *internal, *self.gateway_flags),
+                 *cache_flags, *internal, "--http-port", str(http_port), *self.gateway_flags),
                 host=self.host, port=port, metrics_port=metrics_port))
-            port = (await gateway.ready())["grpc"]
+            ports = await gateway.ready()
+            port, http_port = ports["grpc"], ports.get("http", -1)
+        self.http_port = http_port
         self.gateway_address = f"127.0.0.1:{port}"
         await load_models(self.gateway_address, self.repo, self.tls_dir, self.log_file)
         self._supervisors = [asyncio.create_task(self._supervise(s)) for s in self.children]
@@ -550,6 +555,7 @@ class LocalMesh:
 async def run(args: argparse.Namespace) -> int:
     problem = taken_port([(args.host, args.port, "gateway, --port"),
                           (args.host, args.metrics_port, "gateway metrics, --metrics-port"),
+                          (args.host, args.http_port, "gateway HTTP, --http-port"),
                           (args.host, args.up_metrics_port, "up metrics, --up-metrics-port")])
     if not Path(args.model_repository).is_dir():
         problem = (f"--model-repository {args.model_repository}: no such folder; nothing was "
@@ -560,7 +566,7 @@ async def run(args: argparse.Namespace) -> int:
     mesh = LocalMesh(args.model_repository, devices(args.devices, args.workers),
                      args.redis_url, args.host, args.port, args.metrics_port, args.log_level,
                      gateways=args.gateways, tls_dir=args.tls_dir,
-                     restart_limit=args.restart_limit)
+                     restart_limit=args.restart_limit, http_port=args.http_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -606,6 +612,9 @@ def announce(mesh: LocalMesh, args: argparse.Namespace, up_metrics_port: int | N
         say(f"{'metrics:' if i == 0 else '':<9}{name:<10}{url}")
     tls = f" --tls-ca {Path(args.tls_dir) / 'ca.crt'}" if args.tls_dir else ""
     say("try:  .venv/bin/meshserve infer digits --input-file models/digits/example.json" + tls)
+    if mesh.http_port >= 0:
+        say(f"http: curl -s {'https' if tls else 'http'}://{args.host}:{mesh.http_port}"
+            "/v2/models/digits" + tls.replace("--tls-ca", "--cacert"))
     say("stop: Ctrl-C")
 
 

@@ -385,7 +385,12 @@ class Batcher:
             if not v.isdigit() or int(v) not in on_disk:
                 raise NotFound(f"model '{model}' has no version {v!r} in the model repository")
         keys = [(model, str(int(v))) for v in versions]
-        await asyncio.gather(*(self._load_or_reload(k) for k in keys))
+        # Every version finishes (each reload swapped or not) before an error is raised.
+        results = await asyncio.gather(*(self._load_or_reload(k) for k in keys),
+                                       return_exceptions=True)
+        for error in results:
+            if isinstance(error, BaseException):
+                raise error
         return [s for s in self.model_states(model) if (s.model, s.version) in keys]
 
     async def _load_or_reload(self, key: Key) -> None:

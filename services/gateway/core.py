@@ -353,9 +353,14 @@ class Gateway:
                     f"default_version {default_version} is not among the loaded versions "
                     f"{', '.join(wanted)}"
                 )
-        response = await self.batcher.load_model(model, versions)
+        try:
+            response = await self.batcher.load_model(model, versions)
+        except MeshError:
+            # A reload that failed for one version may have swapped in another's new files.
+            await self._invalidate(model, versions)
+            raise
         failed = [s for s in response.versions if s.state != "READY"]
-        # A reload must never serve results computed by the previous load.
+        # Once every swap is done: a reload must never serve results of the previous files.
         await self._invalidate(model, [s.version for s in response.versions])
         if failed:
             detail = "; ".join(f"version {s.version}: {s.reason or s.state}" for s in failed)

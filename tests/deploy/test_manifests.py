@@ -149,7 +149,8 @@ def test_every_deployment_has_grpc_probes_and_drains_in_time(rendered, target):
         deployment = get(rendered, target, "Deployment", f"meshserve-{tier}")
         container = main_container(deployment)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"grpc": GRPC_PORTS[tier], "metrics": METRICS_PORTS[tier]}
+        http = {"http": 8000} if tier == "gateway" else {}  # the same API over HTTP/JSON
+        assert ports == {"grpc": GRPC_PORTS[tier], **http, "metrics": METRICS_PORTS[tier]}
         assert container["args"] == [tier]
         # readiness is grpc.health.v1 on the gRPC port: NOT_SERVING (start-up, drain)
         # takes the pod out of its Service at once
@@ -158,8 +159,11 @@ def test_every_deployment_has_grpc_probes_and_drains_in_time(rendered, target):
             spec = container[probe]
             # grpc.health.v1 where a tier's health does not follow another tier's; else the
             # listener only (a worker outage must not restart gateways and batchers)
+            # (the gateway's liveness: its event loop answers HTTP, /v2/health/live)
             assert (spec.get("grpc", {}).get("port") == GRPC_PORTS[tier]
-                    or spec.get("tcpSocket", {}).get("port") in ("grpc", GRPC_PORTS[tier])), \
+                    or spec.get("tcpSocket", {}).get("port") in ("grpc", GRPC_PORTS[tier])
+                    or (tier, probe) == ("gateway", "livenessProbe")
+                    and spec["httpGet"] == {"path": "/v2/health/live", "port": "http"}), \
                 f"{tier} {probe}"
         if tier in ("worker", "cache"):
             assert container["livenessProbe"]["grpc"]["port"] == GRPC_PORTS[tier]
@@ -201,7 +205,8 @@ def test_services_name_their_ports_and_select_their_pods(rendered, target):
     for tier in (*TIERS, "redis"):
         service = get(rendered, target, "Service", f"meshserve-{tier}")
         names = {p["name"] for p in service["spec"]["ports"]}
-        assert names == ({"redis"} if tier == "redis" else {"grpc", "metrics"})
+        assert names == ({"redis"} if tier == "redis" else {"grpc", "metrics"}
+                         | ({"http"} if tier == "gateway" else set()))
         kind = "StatefulSet" if tier == "redis" else "Deployment"
         pods = get(rendered, target, kind, f"meshserve-{tier}")["spec"]["template"]
         labels = pods["metadata"]["labels"]
@@ -272,6 +277,7 @@ def test_network_policies_deny_by_default_and_allow_each_tier_its_callers(render
     for tier, caller in callers.items():
         assert _allowed(policies, tier, GRPC_PORTS[tier]) == {caller}, tier
         assert _allowed(policies, tier, METRICS_PORTS[tier]) == {"namespace:monitoring"}, tier
+    assert _allowed(policies, "gateway", 8000) == {"any"}  # HTTP/JSON, like gRPC
     assert _allowed(policies, "redis", 6379) == {"pod:meshserve-cache"}
     # every tier has a policy of its own
     selected = {p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name")

@@ -52,7 +52,8 @@ class Up:
         env["TMPDIR"] = str(tmp)
         self.proc = subprocess.Popen(
             [*MESHSERVE, "up", "--port", str(self.port), "--metrics-port", "0",
-             "--up-metrics-port", str(self.up_metrics_port), "--devices", "cpu", *args],
+             "--up-metrics-port", str(self.up_metrics_port), "--devices", "cpu",
+             "--http-port", "0", *args],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
     @property
