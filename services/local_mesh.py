@@ -82,6 +82,21 @@ class ServiceSpec:
     port: int = 0
     metrics_port: int = 0
 
+    def bound(self, ports: dict) -> ServiceSpec:
+        """This spec with the ports the service bound (its port file: {"grpc": ..,
+        "metrics": .., "http": ..}) in place of any-free-port ones, so that a restart binds
+        them again: its peers' addresses stay valid."""
+        flags = list(self.flags)
+        for name, port in ports.items():
+            flag = f"--{name}-port"
+            if name not in ("grpc", "metrics") and port and flag in flags[:-1]:
+                i = flags.index(flag) + 1
+                if flags[i] == "0":
+                    flags[i] = str(port)
+        metrics = ports.get("metrics")
+        return replace(self, port=ports["grpc"], flags=tuple(flags),
+                       metrics_port=self.metrics_port if metrics is None else metrics)
+
     def argv(self, port_file: Path, log_level: str) -> list[str]:
         return [sys.executable, "-m", KINDS[self.kind].module, "--host", self.host,
                 "--port", str(self.port), "--metrics-port", str(self.metrics_port),
@@ -358,10 +373,7 @@ class Service:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.proc.wait()), 0.1)
         self.ports = json.loads(self.port_file.read_text())
-        metrics_port = self.ports.get("metrics")
-        self.spec = replace(self.spec, port=self.ports["grpc"],
-                            metrics_port=self.spec.metrics_port if metrics_port is None
-                            else metrics_port)
+        self.spec = self.spec.bound(self.ports)
         return self.ports
 
     async def stop(self, timeout_s: float = 15) -> None:

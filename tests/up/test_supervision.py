@@ -7,6 +7,7 @@ import asyncio
 import functools
 import io
 import socket
+from dataclasses import replace
 
 import pytest
 
@@ -123,3 +124,13 @@ def test_the_cause_of_a_stop_is_the_failure_not_the_exit_noise():
     assert local_mesh.stop_cause(["2026-11-30 21:02:35,108 INFO x: last words", ""]) == (
         "INFO x: last words")
     assert local_mesh.stop_cause([]) == "no output"
+
+
+def test_a_restart_binds_the_ports_the_first_start_bound():
+    spec = ServiceSpec("gateway", "gateway", ("--http-port", "0", "--batcher", "b:1"),
+                       port=0, metrics_port=0)
+    bound = spec.bound({"grpc": 4001, "metrics": 4002, "http": 4000})
+    assert (bound.port, bound.metrics_port) == (4001, 4002)
+    assert bound.flags == ("--http-port", "4000", "--batcher", "b:1")
+    fixed = ServiceSpec("gateway", "gateway", ("--http-port", "-1"), metrics_port=-1)
+    assert fixed.bound({"grpc": 4001, "metrics": None}) == replace(fixed, port=4001)

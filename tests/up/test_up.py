@@ -161,7 +161,7 @@ def test_second_up_on_taken_ports_fails_at_once_with_one_line(tmp_path):
 def test_up_without_its_model_repository_says_so_in_one_line(tmp_path):
     result = subprocess.run(
         [*MESHSERVE, "up", "--devices", "cpu", "--port", "0", "--metrics-port", "-1",
-         "--model-repository", str(tmp_path / "none")],
+         "--http-port", "-1", "--model-repository", str(tmp_path / "none")],
         capture_output=True, text=True, timeout=60, cwd=ROOT,
         env={**os.environ, "TMPDIR": str(tmp_path)})
     assert result.returncode == 1 and result.stderr == ""
