@@ -68,12 +68,20 @@ class _ModelQueue:
     def __init__(self, key: Key, config: ModelConfig, queue: BatchQueue):
         self.key, self.config, self.queue = key, config, queue
         self.rate = ArrivalRate(queue.now)
-        p = queue.policy
-        self.adaptive = (
-            AdaptivePolicy(p.batch_rows, p.target_latency_us, p.preferred_batch_sizes)
-            if p.adaptive and p.max_batch_size > 0 else None
-        )
+        self.adaptive = self._adaptive()
         self.task: asyncio.Task | None = None
+
+    def _adaptive(self) -> AdaptivePolicy | None:
+        p = self.queue.policy
+        if not p.adaptive or p.max_batch_size == 0:
+            return None
+        return AdaptivePolicy(p.batch_rows, p.target_latency_us, p.preferred_batch_sizes)
+
+    def reconfigure(self, config: ModelConfig, policy: BatchPolicy) -> None:
+        """The model was (re)loaded with another config: queued requests stay, in order."""
+        self.config = config
+        self.queue.set_policy(policy)
+        self.adaptive = self._adaptive()
 
 
 class Batcher:
@@ -147,18 +155,20 @@ class Batcher:
         config = self.repository.config(model)  # NotFound for an unknown model
         if not version.isdigit() or int(version) not in self.repository.versions(model):
             raise NotFound(f"model '{model}' has no version {version!r}")
+        queue = BatchQueue(model, version, self._policy(config), self.now)
+        queue.on_drop = lambda r, e: self._answer(r, InferResult(r.request_id, e))
+        mq = self._queues[key] = _ModelQueue(key, config, queue)
+        mq.task = self._spawn(self._dispatch(mq))
+        return mq
+
+    def _policy(self, config: ModelConfig) -> BatchPolicy:
         o = self.options
-        policy = BatchPolicy.from_config(
+        return BatchPolicy.from_config(
             config.max_batch_size, config.batching,
             max_batch_size_override=o.max_batch_size,
             max_queue_delay_us_override=o.max_queue_delay_us,
             max_queue_size_override=o.max_queue_size, adaptive_override=o.adaptive,
         )
-        queue = BatchQueue(model, version, policy, self.now)
-        queue.on_drop = lambda r, e: self._answer(r, InferResult(r.request_id, e))
-        mq = self._queues[key] = _ModelQueue(key, config, queue)
-        mq.task = self._spawn(self._dispatch(mq))
-        return mq
 
     # ------------------------------------------------------------------ dispatch
 
@@ -388,6 +398,12 @@ class Batcher:
         # Every version finishes (each reload swapped or not) before an error is raised.
         results = await asyncio.gather(*(self._load_or_reload(k) for k in keys),
                                        return_exceptions=True)
+        # The queues take the config the workers (re)loaded with.
+        for key in keys:
+            mq = self._queues.get(key)
+            if mq is not None and mq.config != config:
+                log.info("model %s version %s: its queue takes the reloaded config", *key)
+                mq.reconfigure(config, self._policy(config))
         for error in results:
             if isinstance(error, BaseException):
                 raise error

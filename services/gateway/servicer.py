@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from meshserve import __version__
 from meshserve.common import errors, tracing
+from meshserve.common.auth import ADMIN, CALLER
 from meshserve.common.grpcutil import grpc_errors, status_of
 from meshserve.gateway import convert
 from meshserve.gateway.core import Gateway, InferCall, InferOutcome
@@ -62,6 +63,7 @@ def to_call(request: pb.ModelInferRequest, time_remaining: float | None,
             route_key: str = "") -> InferCall:
     """Honoured parameters: priority, timeout, cache; sequence_* are refused; any other
     parameter is ignored (Triton hands them to the backend; our models take none)."""
+    convert.check_bounds(request)
     params = convert.params(request.parameters)
     for key in SEQUENCE_PARAMETERS:
         if key in params:
@@ -249,6 +251,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @grpc_errors
     async def RepositoryIndex(self, request, context):
         rows = await self.gateway.index(request.ready)
+        key = CALLER.get()
+        if key is not None:  # only the caller's models; file paths for admins only
+            root = str(self.gateway.repository.root)
+            rows = [(n, v, s, r if key.has(ADMIN) else r.replace(root, "<repository>"))
+                    for n, v, s, r in rows if key.allows(n)]
         return pb.RepositoryIndexResponse(models=[
             pb.RepositoryIndexResponse.ModelIndex(name=n, version=v, state=s, reason=r)
             for n, v, s, r in rows
@@ -293,7 +300,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
     return pb.ModelStreamInferResponse(
         error_message=message,
-        infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name[:convert.MAX_NAME_CHARS],
+            id=request.id[:convert.MAX_ID_CHARS]),
     )
 
 
