@@ -15,6 +15,8 @@ from meshserve.common.transport import Transport
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8001
+    # The same API over HTTP/1.1 and JSON (Triton's port convention); -1: off.
+    http_port: int = 8000
     metrics_port: int = 8002
     port_file: str | None = None
     log_level: str = "INFO"
@@ -42,6 +44,10 @@ class Settings:
     async_result_ttl_s: float = 3600.0
     async_task_ttl_s: float = 3600.0
     async_claim_idle_s: float = 30.0
+    # The in-process task store (no Redis): tasks, MiB and tasks per API key held at most.
+    async_max_stored: int = 200_000
+    async_max_stored_mb: int = 512
+    async_max_tasks_per_key: int = 10_000
     # Protection (gateway/protection.py): API keys (empty: auth off), per-model token
     # buckets "MODEL=RATE[:BURST],...", and load shedding past this many inferences at once.
     api_keys_file: str = ""
@@ -58,6 +64,8 @@ class Settings:
     def __post_init__(self):
         if not 0 <= self.port < 65536:
             raise ConfigError(f"--port: {self.port} is not a port")
+        if not -1 <= self.http_port < 65536:
+            raise ConfigError(f"--http-port: {self.http_port} is not a port (-1: off)")
         if self.max_message_mb < 1:
             raise ConfigError(f"--max-message-mb: must be >= 1, got {self.max_message_mb}")
         if self.cache_timeout_ms < 1:
@@ -97,7 +105,10 @@ class Settings:
         from meshserve.tasks.records import QueueSettings
 
         return QueueSettings(self.async_max_queue, self.async_task_ttl_s,
-                             self.async_result_ttl_s, self.async_claim_idle_s)
+                             self.async_result_ttl_s, self.async_claim_idle_s,
+                             max_stored=self.async_max_stored,
+                             max_stored_bytes=self.async_max_stored_mb * 1024 * 1024,
+                             max_per_key=self.async_max_tasks_per_key)
 
 
 def is_loopback(host: str) -> bool:
@@ -117,6 +128,8 @@ def from_args(argv: list[str] | None = None) -> Settings:
     f.add("--host", str, d.host, "address to bind (0.0.0.0: every interface; needs "
           "--api-keys-file or --insecure)")
     f.add("--port", int, d.port, "gRPC port (0: any free port)")
+    f.add("--http-port", int, d.http_port,
+          "HTTP/JSON port of the same v2 API (0: any free port, -1: off)")
     f.add("--metrics-port", int, d.metrics_port, "Prometheus port (-1: off)")
     f.add("--port-file", str, None, "write the bound ports here as JSON once serving")
     f.add("--log-level", str, d.log_level, "log level")
@@ -152,6 +165,12 @@ def from_args(argv: list[str] | None = None) -> Settings:
           "an async task not started within this is EXPIRED")
     f.add("--async-claim-idle-s", float, d.async_claim_idle_s,
           "claim an async task whose runner has been silent this long")
+    f.add("--async-max-stored", int, d.async_max_stored,
+          "in-process task store (no --redis-url): tasks held at most, finished ones too")
+    f.add("--async-max-stored-mb", int, d.async_max_stored_mb,
+          "in-process task store: MiB of requests and results held at most")
+    f.add("--async-max-tasks-per-key", int, d.async_max_tasks_per_key,
+          "in-process task store: tasks one API key may hold at most")
     f.add("--trace-sample-ratio", float, d.trace_sample_ratio,
           "share of requests without a traceparent that are sampled (logged per request)")
     transport.add_flags(f, client_auth="none")
