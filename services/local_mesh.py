@@ -1,8 +1,9 @@
 """`meshserve up`: the whole mesh on one machine, each service its own supervised process.
 
 Starts the cache, one model worker per visible GPU (else one CPU worker; --workers M for
-M of them, spread over the GPUs), the batcher and the gateway (--gateways N: N processes
-sharing the port with SO_REUSEPORT); waits until each is healthy; loads the repository's
+M of them, spread over the GPUs), the batcher (--batchers K: K of them, every gateway
+reaching all) and the gateway (--gateways N: N processes sharing the port with
+SO_REUSEPORT); waits until each is healthy; loads the repository's
 models; prints the address, every service's metrics address and a client command;
 prefixes every log line with its service's name.
 
@@ -114,12 +115,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     f.add("--model-repository", str, "models", "model repository folder")
     f.add("--devices", str, "auto", "'auto' (one worker per GPU, else CPU), 'cpu', or cuda:0,cuda:1")
     f.add("--redis-url", str, os.environ.get("REDIS_URL", ""),
-          "Redis for the cache, durable async tasks, routing policies and shared rate limits; "
+          "Redis for the cache, durable async tasks, routing policies, shared rate limits and "
+          "the model control of every batcher and gateway; "
           "empty: everything in memory", env="REDIS_URL")
     f.add("--log-level", str, "INFO", "log level of every service")
     # MESHSERVE_UP_*: MESHSERVE_WORKERS is the batcher's worker list.
     f.add("--gateways", int, 1, "gateway processes, sharing --port with SO_REUSEPORT",
           env="MESHSERVE_UP_GATEWAYS")
+    f.add("--batchers", int, 1, "batcher processes; every gateway reaches all of them",
+          env="MESHSERVE_UP_BATCHERS")
     f.add("--workers", int, 0, "model workers (0: one per GPU, else one on the CPU)",
           env="MESHSERVE_UP_WORKERS")
     f.add("--tls-dir", str, "", "mTLS between the services and TLS on the gateway, from "
@@ -135,8 +139,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = f.parse(argv)
     if args.up_metrics_port is None:
         args.up_metrics_port = args.metrics_port + 1 if args.metrics_port > 0 else args.metrics_port
-    if args.gateways < 1 or args.workers < 0 or args.restart_limit < 0:
-        f.parser.error("--gateways must be >= 1, --workers and --restart-limit >= 0")
+    if args.gateways < 1 or args.batchers < 1 or args.workers < 0 or args.restart_limit < 0:
+        f.parser.error("--gateways and --batchers must be >= 1, --workers and "
+                       "--restart-limit >= 0")
     if args.tls_dir:
         missing = [n for n in TLS_FILES if not (Path(args.tls_dir) / n).is_file()]
         if missing:
@@ -469,12 +474,12 @@ class LocalMesh:
                  batcher_flags: tuple[str, ...] = (), gateways: int = 1,
                  gateway_flags: tuple[str, ...] = (), tls_dir: str = "",
                  restart_limit: int = RESTART_LIMIT, restart_first_s: float = RESTART_FIRST_S,
-                 http_port: int = -1):
+                 http_port: int = -1, batchers: int = 1):
         """devices: one model worker each; gateways: processes sharing `port`
-        (SO_REUSEPORT)."""
+        (SO_REUSEPORT); batchers: each gateway reaches every one."""
         if gateways < 1:
             raise ValueError(f"gateways must be >= 1, got {gateways}")
-        self.gateways = gateways
+        self.gateways, self.batchers = gateways, batchers
         self.repo = str(Path(model_repository).resolve())
         self.devices, self.redis_url = devices, redis_url
         self.host, self.port, self.metrics_port = host, port, metrics_port
@@ -522,11 +527,13 @@ class LocalMesh:
         ]
         cache_port = (await cache.ready())["grpc"]
         worker_ports = [(await w.ready())["grpc"] for w in workers]
-        batcher = await self._start(ServiceSpec("batcher", "batcher", (
-            *internal, "--model-repository", self.repo,
-            "--workers", ",".join(f"127.0.0.1:{p}" for p in worker_ports), "--load", "all",
-            *self.batcher_flags)))
-        batcher_port = (await batcher.ready())["grpc"]
+        batchers = [await self._start(ServiceSpec(
+            "batcher" if self.batchers == 1 else f"batcher-{i}", "batcher", (
+                *internal, "--model-repository", self.repo,
+                "--workers", ",".join(f"127.0.0.1:{p}" for p in worker_ports), "--load", "all",
+                *cache_flags, *self.batcher_flags)))  # Redis: the cluster's model control
+            for i in range(self.batchers)]
+        batcher_target = ",".join([f"127.0.0.1:{(await b.ready())['grpc']}" for b in batchers])
         port, http_port = self.port, self.http_port
         for i in range(self.gateways):
             # The first binds the port (it may be 0); the others join it with SO_REUSEPORT.
@@ -534,7 +541,7 @@ class LocalMesh:
             gateway = await self._start(ServiceSpec(
                 "gateway" if self.gateways == 1 else f"gateway-{i}", "gateway",
                 ("--model-repository", self.repo, "--reuse-port", str(self.gateways > 1),
-                 "--batcher", f"127.0.0.1:{batcher_port}", "--cache", f"127.0.0.1:{cache_port}",
+                 "--batcher", batcher_target, "--cache", f"127.0.0.1:{cache_port}",
                  *cache_flags, *internal, "--http-port", str(http_port), *self.gateway_flags),
                 host=self.host, port=port, metrics_port=metrics_port))
             ports = await gateway.ready()
@@ -631,7 +638,8 @@ async def run(args: argparse.Namespace) -> int:
     mesh = LocalMesh(args.model_repository, devices(args.devices, args.workers),
                      args.redis_url, args.host, args.port, args.metrics_port, args.log_level,
                      gateways=args.gateways, tls_dir=args.tls_dir,
-                     restart_limit=args.restart_limit, http_port=args.http_port)
+                     restart_limit=args.restart_limit, http_port=args.http_port,
+                     batchers=args.batchers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -669,7 +677,8 @@ async def run(args: argparse.Namespace) -> int:
 
 def announce(mesh: LocalMesh, args: argparse.Namespace, up_metrics_port: int | None) -> None:
     port = mesh.gateway_address.rsplit(":", 1)[1]
-    gateways = f" ({args.gateways} gateways)" if args.gateways > 1 else ""
+    gateways = f" ({args.gateways} gateways, {args.batchers} batchers)" \
+        if args.gateways > 1 or args.batchers > 1 else ""
     mesh.say(f"meshserve is serving on {args.host}:{port}{gateways}")
     addresses = mesh.metrics_addresses()
     if up_metrics_port:

@@ -31,6 +31,7 @@ from meshserve.common.errors import (
     Unavailable,
 )
 from meshserve.common.logs import clip
+from meshserve.common.model_control import Control
 from meshserve.common.repository import ModelConfig, ModelRepository
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ class Batcher:
         self._unwanted: set[Key] = set()
         self._loads: dict[Key, asyncio.Task] = {}
         self._load_errors: dict[Key, tuple[float, str]] = {}
+        # The cluster's model control (common.model_control), as last applied.
+        self.controls: dict[str, Control] = {}
         self.pool.listeners.append(self._on_pool_change)
         # SIGTERM: new requests are refused (the client sends them to another batcher);
         # queued and running ones are finished.
@@ -560,6 +563,32 @@ class Batcher:
                 key = (m.model, m.version)
                 if m.state == "READY" and key not in self._unwanted:
                     self._wanted.add(key)
+
+    def apply_control(self, model: str, control: Control | None) -> None:
+        """The cluster's model control changed (common.model_control): a loaded model's
+        versions are wanted (loaded in the background if no worker holds them), an unloaded
+        one is never dispatched again and leaves the workers."""
+        if control is None:
+            self.controls.pop(model, None)
+            return
+        self.controls[model] = control
+        if control.loaded:
+            for v in control.versions:
+                key = (model, v)
+                self._unwanted.discard(key)
+                if key not in self._wanted or not self.pool.holders(key):
+                    self._spawn(self.ensure_loaded(key))
+            return
+        try:
+            known = self._known_versions(model)
+        except MeshError as e:  # e.g. gone from the repository: nothing to dispatch
+            log.info("model control: %s unloaded (%s)", model, e)
+            return
+        for v in known:
+            self._wanted.discard((model, v))
+            self._unwanted.add((model, v))
+        if any(w.state_of((model, v)) for w in self.pool.connected() for v in known):
+            self._spawn(self.unload_model(model, []))
 
     def statistics(self, model: str = "", version: str = "") -> list[ModelStats]:
         if model:

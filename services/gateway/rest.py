@@ -72,10 +72,14 @@ class HttpContext:
     """What the servicer and the protection interceptor use of grpc.aio.ServicerContext,
     over one HTTP request. HTTP has no deadline: Triton's `timeout` parameter sets one."""
 
-    __slots__ = ("_metadata",)
+    __slots__ = ("_metadata", "trailing_metadata")
 
     def __init__(self, headers):
         self._metadata = tuple((k, headers[k]) for k in METADATA_HEADERS if k in headers)
+        self.trailing_metadata = ()
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self.trailing_metadata = tuple(metadata)
 
     def invocation_metadata(self):
         return self._metadata
