@@ -299,16 +299,16 @@ def _allowed(policies: list[dict], tier: str, port: int) -> set[str]:
 def test_network_policies_deny_by_default_and_allow_each_tier_its_callers(rendered, target):
     policies = objects(rendered, target, "NetworkPolicy")
     deny = [p for p in policies if p["spec"]["podSelector"] == {}]
-    assert len(deny) == 1 and deny[0]["spec"]["policyTypes"] == ["Ingress"]
-    assert "ingress" not in deny[0]["spec"]
+    assert len(deny) == 1 and deny[0]["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert "ingress" not in deny[0]["spec"] and "egress" not in deny[0]["spec"]
     # components/async-runner: the runners call batchers, caches and Redis like a gateway
     runner = {"pod:meshserve-async-runner"} if target == "all" else set()
-    callers = {"gateway": {"any"}, "batcher": {"pod:meshserve-gateway", *runner},
+    callers = {"gateway": {"namespace:ingress-nginx"}, "batcher": {"pod:meshserve-gateway", *runner},
                "worker": {"pod:meshserve-batcher"}, "cache": {"pod:meshserve-gateway", *runner}}
     for tier, caller in callers.items():
         assert _allowed(policies, tier, GRPC_PORTS[tier]) == caller, tier
         assert _allowed(policies, tier, METRICS_PORTS[tier]) == {"namespace:monitoring"}, tier
-    assert _allowed(policies, "gateway", 8000) == {"any"}  # HTTP/JSON, like gRPC
+    assert _allowed(policies, "gateway", 8000) == {"namespace:ingress-nginx"}  # like gRPC
     # Redis: the cache's entries; the gateways' tasks, policies, rate limits, model control;
     # the batchers' model control
     assert _allowed(policies, "redis", 6379) == {
