@@ -47,14 +47,15 @@ def test_every_tier_has_an_egress_policy(rendered, target):  # noqa: F811
     assert len(deny) == 1 and "Egress" in deny[0]["spec"]["policyTypes"]
     assert "egress" not in deny[0]["spec"]
     expected = {
-        "gateway": {"dns", "batcher:8011", "cache:8031", "redis:6379"},
-        "batcher": {"dns", "worker:8021", "redis:6379"},
+        "gateway": {"dns", "batcher:8011", "cache:8031", "state:6379"},
+        "batcher": {"dns", "worker:8021", "state:6379"},
         "cache": {"dns", "redis:6379"},
         "worker": set(),
         "redis": set(),
+        "state": set(),
     }
     if target == "all":
-        expected["async-runner"] = {"dns", "batcher:8011", "cache:8031", "redis:6379"}
+        expected["async-runner"] = {"dns", "batcher:8011", "cache:8031", "state:6379"}
     for tier, allowed in expected.items():
         assert _egress(policies, tier) == allowed, tier
 
