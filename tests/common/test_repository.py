@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from meshserve.common.errors import ConfigError, InvalidInput, NotFound
 from meshserve.batcher.queue import BatchPolicy
+from meshserve.common.errors import ConfigError, InvalidInput, NotFound
 from meshserve.common.repository import (
     BatchingConfig,
     ModelRepository,
