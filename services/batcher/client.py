@@ -18,6 +18,7 @@ import grpc
 from meshserve.batcher.core import DRAINING
 from meshserve.common import grpcutil, tracing
 from meshserve.common.errors import DeadlineExceeded, MeshError, Unavailable
+from meshserve.common.hops import HopCount
 from meshserve.common.transport import Transport
 from meshserve.pb.meshserve.v1 import batcher_pb2, batcher_pb2_grpc, tensor_pb2
 
@@ -26,11 +27,20 @@ log = logging.getLogger(__name__)
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 
 
-class _Stream:
-    """One Infer stream: an outgoing queue drained whole per message, and pending futures."""
+# InferRequests messages sent and not yet acknowledged (InferResults.received) before the
+# next waits: holding it lets the requests that arrive meanwhile travel together.
+MAX_UNACKED_MESSAGES = 1
 
-    def __init__(self, stub: batcher_pb2_grpc.BatcherStub, target: str):
+
+class _Stream:
+    """One Infer stream: an outgoing queue drained whole per message, and pending futures.
+    Flow control: once the batcher has acknowledged a message (so it is known to), the
+    next waits while MAX_UNACKED_MESSAGES are unacknowledged."""
+
+    def __init__(self, stub: batcher_pb2_grpc.BatcherStub, target: str,
+                 sent: HopCount, received: HopCount):
         self.target = target
+        self.sent, self.received = sent, received  # requests out, results back
         self.pending: dict[int, asyncio.Future] = {}
         self._requests: list[batcher_pb2.InferRequest] = []
         self._cancelled: list[int] = []
@@ -38,6 +48,8 @@ class _Stream:
         self.alive = True
         # Its batcher refused a request as draining: send nothing new on it.
         self.draining = False
+        self._unacked = 0
+        self._acks_seen = False  # an older batcher never acknowledges: no flow control
         self._call = stub.Infer(self._outgoing())
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -53,10 +65,13 @@ class _Stream:
 
     async def _outgoing(self):
         while True:
-            while not self._requests and not self._cancelled:
+            while (not self._requests and not self._cancelled) or (
+                    self._acks_seen and self._unacked >= MAX_UNACKED_MESSAGES):
                 self._wake.clear()
                 await self._wake.wait()
             message = batcher_pb2.InferRequests(requests=self._requests, cancelled=self._cancelled)
+            self.sent.add(len(self._requests))
+            self._unacked += 1
             self._requests, self._cancelled = [], []
             yield message
 
@@ -64,6 +79,11 @@ class _Stream:
         error: MeshError = Unavailable(f"the batcher at {self.target} closed the stream")
         try:
             async for message in self._call:
+                self.received.add(len(message.results))
+                if message.received:
+                    self._acks_seen = True
+                    self._unacked = max(0, self._unacked - message.received)
+                    self._wake.set()
                 for r in message.results:
                     future = self.pending.pop(r.request_id, None)
                     if future is not None and not future.done():
@@ -110,6 +130,10 @@ class BatcherClient:
         self._next_stream = itertools.count()
         self._next_unary = itertools.count()
         self._ids = itertools.count(1)
+        self.sent, self.received = HopCount(), HopCount()
+
+    def hop_counts(self) -> list[tuple[str, HopCount]]:
+        return [("gateway->batcher", self.sent), ("batcher->gateway", self.received)]
 
     async def start(self) -> None:
         self._channels = [grpcutil.channel(t, self.transport) for t in self.targets]
@@ -150,7 +174,8 @@ class BatcherClient:
                 self._retired.add(stream)
             self._retired = {s for s in self._retired if s.alive}
             c = i % len(self._channels)
-            stream = self._streams[i] = _Stream(self._stubs[c], self.targets[c])
+            stream = self._streams[i] = _Stream(self._stubs[c], self.targets[c], self.sent,
+                                                self.received)
         return stream
 
     async def infer(self, model: str, version: str, inputs: list[tensor_pb2.Tensor],

@@ -15,7 +15,7 @@ from meshserve.batcher.core import Batcher, BatcherOptions
 from meshserve.batcher.servicer import BatcherServicer
 from meshserve.batcher.stats import Statistics
 from meshserve.batcher.workers import WorkerPool
-from meshserve.common import metrics, tracing
+from meshserve.common import hops, metrics, tracing
 from meshserve.common.grpcutil import new_server, set_serving, wait_for_signal
 from meshserve.common.repository import ModelRepository
 from meshserve.common.settings import write_port_file
@@ -89,6 +89,7 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
                                       transport=settings.transport)
     batcher_pb2_grpc.add_BatcherServicer_to_server(BatcherServicer(batcher), server)
     routing_store.attach(server)  # meshserve.v1.RoutingStore for gateways without Redis
+    hops.register(registry, directory.hop_counts)
     runtime = Runtime(batcher, pool, directory, health, registry)
     await server.start()
     await set_serving(health, [SERVICE_NAME], False)

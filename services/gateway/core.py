@@ -173,7 +173,7 @@ class Gateway:
                 config.cache.hash_precision,
             )
             cache_key = cache_pb2.CacheKey(model=config.name, version=version, digest=digest)
-            [result] = await self.cache.lookup([cache_key])
+            result = await self.cache.lookup_one(cache_key)
             elapsed = time.perf_counter_ns() - started
             counts = self.cache_counts[(config.name, version)]
             generation = result.generation
@@ -202,8 +202,8 @@ class Gateway:
             raise Unavailable(f"the batcher returned no output {e} for '{config.name}'") from None
         if cache_key is not None:
             value = cache_pb2.CachedOutputs(outputs=outputs).SerializeToString()
-            self.cache.store([cache_pb2.StoreEntry(
-                key=cache_key, value=value, generation=generation, ttl_s=config.cache.ttl_s)])
+            self.cache.store_one(cache_pb2.StoreEntry(
+                key=cache_key, value=value, generation=generation, ttl_s=config.cache.ttl_s))
         self.loads.observe(config.name, version, result.queue_ns, result.compute_ns)
         return InferOutcome(version, outputs, False, result.queue_ns, result.compute_ns,
                             model=config.name)

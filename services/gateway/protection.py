@@ -191,7 +191,7 @@ class Protection:
                       f"rate limit of {who} exceeded: retry after {retry_ms} ms", retry_ms)
 
 
-def _stream_error(request: pb.ModelInferRequest, denied: Denied) -> pb.ModelStreamInferResponse:
+def stream_error(request: pb.ModelInferRequest, denied: Denied) -> pb.ModelStreamInferResponse:
     response = pb.ModelStreamInferResponse(
         error_message=denied.message,
         infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
@@ -200,7 +200,7 @@ def _stream_error(request: pb.ModelInferRequest, denied: Denied) -> pb.ModelStre
     return response
 
 
-async def _abort(context, denied: Denied):
+async def abort(context, denied: Denied):
     await context.abort(denied.code, denied.message, trailing_metadata=denied.trailing_metadata())
 
 
@@ -248,15 +248,15 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
         async def infer(request, context):
             key = p.authenticate(context.invocation_metadata())
             if isinstance(key, Denied):
-                return await _abort(context, key)
+                return await abort(context, key)
             denied = p.acquire()
             if denied is not None:
-                return await _abort(context, denied)
+                return await abort(context, denied)
             try:
                 if key is not None or p.limiting:
                     denied = await p.admit(key, [request])
                     if denied is not None:
-                        return await _abort(context, denied)
+                        return await abort(context, denied)
                 return await inner(request, context)
             finally:
                 p.release()
@@ -269,10 +269,10 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
         async def submit(request, context):
             key = p.authenticate(context.invocation_metadata())
             if isinstance(key, Denied):
-                return await _abort(context, key)
+                return await abort(context, key)
             denied = await p.admit(key, requests(request))
             if denied is not None:
-                return await _abort(context, denied)
+                return await abort(context, denied)
             return await inner(request, context)
 
         return submit
@@ -286,7 +286,7 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
         async def stream(request_iterator, context):
             key = p.authenticate(context.invocation_metadata())
             if isinstance(key, Denied):
-                await _abort(context, key)
+                await abort(context, key)
                 return
             out: asyncio.Queue = asyncio.Queue()
             pending = 0  # admitted, not answered yet
@@ -300,7 +300,7 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
                         if denied is not None:
                             p.release()
                     if denied is not None:
-                        out.put_nowait(_stream_error(request, denied))
+                        out.put_nowait(stream_error(request, denied))
                         continue
                     pending += 1
                     yield request
@@ -339,11 +339,11 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
         async def check(request, context) -> bool:
             key = p.authenticate(context.invocation_metadata())
             if isinstance(key, Denied):
-                await _abort(context, key)
+                await abort(context, key)
             if model_of is not None and not handler.request_streaming:
                 denied = p.authorize(key, model_of(request))
                 if denied is not None:
-                    await _abort(context, denied)
+                    await abort(context, denied)
             return True
 
         if streaming:

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from meshserve.batcher.client import BatcherClient
 from meshserve.cache.client import CacheClient
-from meshserve.common import grpcutil, metrics, tracing
+from meshserve.common import grpcutil, hops, metrics, tracing
 from meshserve.common.backoff import Backoff
 from meshserve.common.grpcutil import MiB
 from meshserve.common.repository import ModelRepository
@@ -39,16 +39,21 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
         ModelRepository(settings.model_repository), batcher, cache,
         cache_timeout_s=settings.cache_timeout_ms / 1000,
     )
-    # API keys, rate limits, load shedding: one interceptor (gateway/protection.py).
-    gateway.protection = protection.create(settings, registry)
+    hops.register(registry, lambda: [*batcher.hop_counts(),
+                                     *(cache.hop_counts() if cache is not None else [])])
+    # API keys, rate limits, load shedding: one interceptor (gateway/protection.py), only
+    # when there are keys or limits; else the servicer sheds load past the concurrency
+    # limit itself (an interceptor costs every call).
+    gateway.protection = p = protection.create(settings, registry)
+    intercept = p.auth or p.limiting
     server, port, health = grpcutil.new_server(
         f"{settings.host}:{settings.port}", SERVICES, settings.max_message_mb * MiB,
         reuse_port=settings.reuse_port, transport=transport,
-        interceptors=[protection.ProtectionInterceptor(gateway.protection)],
+        interceptors=[protection.ProtectionInterceptor(p)] if intercept else [],
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(gateway, GatewayMetrics(registry), settings.max_stream_concurrency,
-                          settings.trace_sample_ratio),
+                          settings.trace_sample_ratio, shed=None if intercept else p),
         server,
     )
     # Async inference on the same port; gateway.tasks is its AsyncService.

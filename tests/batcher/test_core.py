@@ -113,7 +113,7 @@ def test_broken_stream_is_retried_on_another_worker_and_answered_once(models_dir
         session = Session(batcher)
         session.submit(7, "digits", "2", row(7.0), [], 0, 0)
         while not results:
-            results += await asyncio.wait_for(session.drain(), 5)
+            results += (await asyncio.wait_for(session.drain(), 5))[0]
         [result] = results
         assert result.error is None and first_value(result) == 7.0
         assert len(w0.batches) + len(w1.batches) == 3  # two failures, then success
@@ -155,7 +155,7 @@ def test_closing_a_session_cancels_its_queued_requests(models_dir):
             session.submit(i, "digits", "2", row(i), [], 0, 0)
         await asyncio.sleep(0)
         session.close()
-        results = await asyncio.wait_for(session.drain(), 5)
+        results, _received = await asyncio.wait_for(session.drain(), 5)
         assert sorted(r.request_id for r in results) == [1, 2, 3, 4, 5, 6]
         assert all(isinstance(r.error, Cancelled) for r in results)
         assert not session.pending

@@ -54,10 +54,12 @@ class InferResult(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., queue_ns: _Optional[int] = ..., compute_ns: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class InferResults(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "received")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[InferResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[InferResult, _Mapping]]] = ...) -> None: ...
+    received: int
+    def __init__(self, results: _Optional[_Iterable[_Union[InferResult, _Mapping]]] = ..., received: _Optional[int] = ...) -> None: ...
 
 class StatisticsRequest(_message.Message):
     __slots__ = ("model", "version")
