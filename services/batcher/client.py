@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from dataclasses import dataclass
 
 import grpc
 
@@ -184,23 +185,21 @@ class BatcherClient:
         """One request through a shared stream; raises the domain error of its result.
         A request a draining batcher refused (never queued) goes out again on another
         stream, which the channel opens to another batcher."""
+        return await self.result(self.send(model, version, inputs, outputs, priority,
+                                           timeout_s))
+
+    def send(self, model: str, version: str, inputs: list[tensor_pb2.Tensor],
+             outputs: list[str], priority: int = 0, timeout_s: float | None = None) -> Sent:
+        """Sends a request now; `await result(sent)` for its result, or `cancel(sent)`."""
         request = batcher_pb2.InferRequest(
             model=model, version=version, inputs=inputs, outputs=outputs, priority=priority,
             timeout_us=max(1, int(timeout_s * 1e6)) if timeout_s else 0,
             traceparent=tracing.current_traceparent(),  # the caller's trace context
         )
-        for _ in range(len(self._streams) + 1):
-            result, stream = await self._infer_once(request, timeout_s)
-            if result.code != _UNAVAILABLE or not result.message.startswith(DRAINING):
-                break
-            stream.draining = True
-        if result.code != 0:
-            raise grpcutil.error_from_code(result.code, result.message)
-        return result
+        return self._send(request, timeout_s)
 
-    async def _infer_once(self, request: batcher_pb2.InferRequest, timeout_s: float | None
-                          ) -> tuple[batcher_pb2.InferResult, _Stream]:
-        request_id = request.request_id = next(self._ids)
+    def _send(self, request: batcher_pb2.InferRequest, timeout_s: float | None) -> Sent:
+        request.request_id = next(self._ids)
         stream = self._stream()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -208,15 +207,36 @@ class BatcherClient:
         # The batcher answers DEADLINE_EXCEEDED itself; this timer only bounds a stuck hop
         # (a timer on the future costs less than wait_for's extra task per request).
         timer = loop.call_later(timeout_s + 1.0, _expire, future, timeout_s) if timeout_s else None
-        try:
-            result = await future
-        except (DeadlineExceeded, asyncio.CancelledError):
-            stream.cancel(request_id)
-            raise
-        finally:
-            if timer is not None:
-                timer.cancel()
-        return result, stream
+        return Sent(request, timeout_s, stream, future, timer)
+
+    def cancel(self, sent: Sent) -> None:
+        """The caller no longer wants the result (the batcher drops the request)."""
+        if sent.timer is not None:
+            sent.timer.cancel()
+        if not sent.future.done():
+            sent.future.cancel()
+        sent.stream.cancel(sent.request.request_id)
+
+    async def result(self, sent: Sent) -> batcher_pb2.InferResult:
+        retries = len(self._streams)
+        while True:
+            try:
+                result = await sent.future
+            except (DeadlineExceeded, asyncio.CancelledError):
+                sent.stream.cancel(sent.request.request_id)
+                raise
+            finally:
+                if sent.timer is not None:
+                    sent.timer.cancel()
+            if (result.code == _UNAVAILABLE and result.message.startswith(DRAINING)
+                    and retries > 0):
+                sent.stream.draining = True
+                retries -= 1
+                sent = self._send(sent.request, sent.timeout_s)
+                continue
+            if result.code != 0:
+                raise grpcutil.error_from_code(result.code, result.message)
+            return result
 
     async def _unary(self, method: str, request, channel_index: int | None = None):
         if not self._stubs:
@@ -250,6 +270,17 @@ class BatcherClient:
 
     async def model_states(self, model: str = "") -> batcher_pb2.ModelStatesResponse:
         return await self._unary("ModelStates", batcher_pb2.ModelStatesRequest(model=model))
+
+
+@dataclass(slots=True)
+class Sent:
+    """A request sent on a stream, its result not awaited yet."""
+
+    request: batcher_pb2.InferRequest
+    timeout_s: float | None
+    stream: _Stream
+    future: asyncio.Future
+    timer: asyncio.TimerHandle | None
 
 
 def _expire(future: asyncio.Future, timeout_s: float) -> None:

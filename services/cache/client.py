@@ -78,6 +78,7 @@ class _Link:
         self._ids = itertools.count(1)
         self._unanswered = 0
         self.up = False
+        self.state_changed: Callable[[], None] = lambda: None  # up went True or False
         self.backoff_initial_s = 0.05
         self.backoff_max_s = 2.0
 
@@ -98,6 +99,7 @@ class _Link:
             call = self._open_call()
             self._unanswered = 0
             self.up = True
+            self.state_changed()
             writer = asyncio.create_task(self._write(call))
             reader = asyncio.create_task(self._read(call))
             try:
@@ -106,6 +108,7 @@ class _Link:
                 answered = reader in done and not reader.exception() and reader.result()
             finally:
                 self.up = False
+                self.state_changed()
                 writer.cancel()
                 reader.cancel()
                 call.cancel()
@@ -144,10 +147,10 @@ class _Link:
         try:
             async for response in call:
                 answered = True
-                self.answered.add(self._answer_size(response))
-                self._unanswered = max(0, self._unanswered - 1)
-                self._wakeup.set()
-                self._receive(response)
+                if self._receive(response):  # an answer (not a message of the service's own)
+                    self.answered.add(self._answer_size(response))
+                    self._unanswered = max(0, self._unanswered - 1)
+                    self._wakeup.set()
         except grpc.aio.AioRpcError as exc:
             log.debug("cache %s stream ended: %s", self.name, exc.code())
         return answered
@@ -164,6 +167,8 @@ class _Shard:
         self.stub = cache_pb2_grpc.CacheStub(self.channel)
         # id -> [(future, number of keys)] in message order
         self._lookups_in_flight: dict[int, list[tuple[asyncio.Future, int]]] = {}
+        # (model, version or "") for each invalidation the service announces
+        self.invalidated: Callable[[str, str], None] = lambda model, version: None
         self._stores_in_flight: dict[int, int] = {}
         self.lookup_link = _Link(
             "lookup", lambda: self.stub.LookupStream(), self._lookup_message,
@@ -187,10 +192,14 @@ class _Shard:
                 request.traceparents.extend([traceparent] * len(keys))
         return request
 
-    def _lookup_answered(self, response: cache_pb2.LookupResponse) -> None:
+    def _lookup_answered(self, response: cache_pb2.LookupResponse) -> bool:
+        for notice in response.invalidated:
+            self.invalidated(notice.model, notice.version)
+        if not response.id:
+            return False
         waiting = self._lookups_in_flight.pop(response.id, None)
         if waiting is None:
-            return
+            return True
         results = list(response.results)
         if len(results) != sum(n for _, n in waiting):
             log.warning("cache answered %d results for %d keys; ignoring", len(results),
@@ -205,6 +214,7 @@ class _Shard:
                     future.set_exception(Unavailable("bad cache answer"))
                     future.exception()
             offset += n
+        return True
 
     def _lookups_lost(self, batch: list) -> None:
         waiting = [future for _, future, _ in batch]
@@ -224,11 +234,12 @@ class _Shard:
         self.counters.store_entries_sent += len(request.entries)
         return request
 
-    def _store_answered(self, response: cache_pb2.StoreResponse) -> None:
+    def _store_answered(self, response: cache_pb2.StoreResponse) -> bool:
         self._stores_in_flight.pop(response.id, None)
         self.counters.stored += response.stored
         self.counters.skipped += response.skipped
         self.counters.store_entries_dropped += response.dropped
+        return True
 
     def _stores_lost(self, batch: list) -> None:
         lost = sum(len(entries) for entries in batch) + sum(self._stores_in_flight.values())
@@ -260,10 +271,18 @@ class CacheClient:
             "cache->gateway store")}
         self._shards: list[_Shard] = []
         self._tasks: list[asyncio.Task] = []
+        # What an in-process L1 in front of this client needs to stay exact: every
+        # invalidation the services announce, and whether every lookup stream is up (while
+        # one is down, announcements can be missed).
+        self.on_invalidated: Callable[[str, str], None] = lambda model, version: None
+        self.on_availability: Callable[[bool], None] = lambda up: None
 
     async def start(self) -> None:
         self._shards = [_Shard(t, self.counters, self.hops, self.transport)
                         for t in self.targets]
+        for shard in self._shards:
+            shard.invalidated = lambda model, version: self.on_invalidated(model, version)
+            shard.lookup_link.state_changed = self._availability_changed
         self._tasks = [asyncio.create_task(link.run()) for shard in self._shards
                        for link in (shard.lookup_link, shard.store_link)]
         await asyncio.sleep(0)  # let the streams open
@@ -273,6 +292,7 @@ class CacheClient:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        self.on_availability(False)
         for shard in self._shards:
             await shard.channel.close()
         self._shards = []
@@ -284,6 +304,13 @@ class CacheClient:
 
     def hop_counts(self) -> list[tuple[str, HopCount]]:
         return list(self.hops.items())
+
+    def available(self) -> bool:
+        """Every lookup stream is up."""
+        return bool(self._shards) and all(s.lookup_link.up for s in self._shards)
+
+    def _availability_changed(self) -> None:
+        self.on_availability(self.available())
 
     # lookups
     async def lookup(self, keys: Sequence[cache_pb2.CacheKey]) -> list[cache_pb2.LookupResult]:

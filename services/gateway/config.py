@@ -22,6 +22,8 @@ class Settings:
     # Empty: no cache service (every request computes).
     cache: str = ""
     cache_timeout_ms: int = 50
+    # The in-process L1 in front of the cache service (0: none).
+    l1_cache_mb: int = 64
     max_message_mb: int = 64
     # Requests handled at once on one ModelStreamInfer stream.
     max_stream_concurrency: int = 1024
@@ -52,6 +54,8 @@ class Settings:
             raise ConfigError(f"--port: {self.port} is not a port")
         if self.max_message_mb < 1:
             raise ConfigError(f"--max-message-mb: must be >= 1, got {self.max_message_mb}")
+        if self.l1_cache_mb < 0:
+            raise ConfigError(f"--l1-cache-mb: must be >= 0, got {self.l1_cache_mb}")
         if self.cache_timeout_ms < 1:
             raise ConfigError(f"--cache-timeout-ms: must be >= 1, got {self.cache_timeout_ms}")
         if not self.batcher:
@@ -94,6 +98,8 @@ def from_args(argv: list[str] | None = None) -> Settings:
           "cache service: host:port, a comma list (sharded by key) or dns:///name:port; "
           "empty: no cache")
     f.add("--cache-timeout-ms", int, d.cache_timeout_ms, "cache lookup budget per request")
+    f.add("--l1-cache-mb", int, d.l1_cache_mb,
+          "in-process cache of hot results in front of the cache service (0: off)")
     f.add("--max-message-mb", int, d.max_message_mb, "largest request or response message")
     f.add("--max-stream-concurrency", int, d.max_stream_concurrency,
           "requests in progress at once on one ModelStreamInfer stream")

@@ -27,12 +27,15 @@ from meshserve.common.validation import (
     resolve_outputs,
     validate_inputs,
 )
+from meshserve.gateway.l1 import L1Cache
 from meshserve.gateway.routing import LoadTracker
 from meshserve.pb.meshserve.v1 import batcher_pb2, cache_pb2, tensor_pb2
 
 log = logging.getLogger(__name__)
 
 CATALOG_TTL_S = 5.0
+# How long the L1 keeps an entry of a model whose cache config sets no TTL.
+L1_DEFAULT_TTL_S = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,20 @@ class CacheCounts:
     hit_ns: int = 0
     miss_requests: int = 0
     miss_ns: int = 0
+
+    def hit(self, rows: int, ns: int) -> None:
+        self.hit_requests += 1
+        self.hit_rows += rows
+        self.hit_ns += ns
+
+
+def _cached(value: bytes, output_names: list[str], version: str, model: str
+            ) -> InferOutcome | None:
+    """The outcome a cached entry answers, None when it lacks a requested output."""
+    cached = {t.name: t for t in cache_pb2.CachedOutputs.FromString(value).outputs}
+    if not all(name in cached for name in output_names):
+        return None
+    return InferOutcome(version, [cached[n] for n in output_names], cache_hit=True, model=model)
 
 
 @dataclass
@@ -119,11 +136,17 @@ class Catalog:
 
 class Gateway:
     def __init__(self, repository: ModelRepository, batcher, cache=None,
-                 cache_timeout_s: float = 0.05):
+                 cache_timeout_s: float = 0.05, l1: L1Cache | None = None):
         self.repository = repository
         self.catalog = Catalog(repository)
         self.batcher = batcher
         self.cache = cache
+        # In front of the cache: told of every invalidation, unused while it could miss one.
+        self.l1 = l1 if cache is not None else None
+        if self.l1 is not None:
+            cache.on_invalidated = self.l1.invalidate
+            cache.on_availability = self.l1.set_usable
+            self.l1.set_usable(cache.available())
         self.cache_timeout_s = cache_timeout_s
         self.cache_counts: dict[tuple[str, str], CacheCounts] = defaultdict(CacheCounts)
         self.loads = LoadTracker()  # EWMA queue/latency per version, from batcher results
@@ -163,6 +186,7 @@ class Gateway:
 
         cache_key = None
         generation = 0
+        l1, epoch = self.l1, None
         if self.cache is not None and config.cache.enabled and call.use_cache:
             started = time.perf_counter_ns()
             out_params = {o.name: dict(o.parameters) for o in call.outputs}
@@ -172,20 +196,28 @@ class Gateway:
                 [(name, out_params.get(name, {})) for name in output_names],
                 config.cache.hash_precision,
             )
+            counts = self.cache_counts[(config.name, version)]
+            if l1 is not None:
+                value = l1.get(digest)
+                if value is not None:
+                    outcome = _cached(value, output_names, version, config.name)
+                    if outcome is not None:
+                        counts.hit(rows, time.perf_counter_ns() - started)
+                        return outcome
+                epoch = l1.epoch(config.name)
             cache_key = cache_pb2.CacheKey(model=config.name, version=version, digest=digest)
             result = await self.cache.lookup_one(cache_key)
             elapsed = time.perf_counter_ns() - started
-            counts = self.cache_counts[(config.name, version)]
             generation = result.generation
             if result.hit:
                 # Entries are shared by requests naming the same outputs in any order.
-                cached = {t.name: t for t in cache_pb2.CachedOutputs.FromString(result.value).outputs}
-                if all(name in cached for name in output_names):
-                    counts.hit_requests += 1
-                    counts.hit_rows += rows
-                    counts.hit_ns += elapsed
-                    return InferOutcome(version, [cached[n] for n in output_names], cache_hit=True,
-                                        model=config.name)
+                outcome = _cached(result.value, output_names, version, config.name)
+                if outcome is not None:
+                    counts.hit(rows, elapsed)
+                    if epoch is not None and generation:
+                        l1.put(digest, config.name, version, result.value,
+                               config.cache.ttl_s or L1_DEFAULT_TTL_S, epoch)
+                    return outcome
             counts.miss_requests += 1
             counts.miss_ns += elapsed
 
@@ -204,6 +236,10 @@ class Gateway:
             value = cache_pb2.CachedOutputs(outputs=outputs).SerializeToString()
             self.cache.store_one(cache_pb2.StoreEntry(
                 key=cache_key, value=value, generation=generation, ttl_s=config.cache.ttl_s))
+            # Kept only under a generation the service gave (a lookup that failed has none).
+            if epoch is not None and generation:
+                l1.put(cache_key.digest, config.name, version, value,
+                       config.cache.ttl_s or L1_DEFAULT_TTL_S, epoch)
         self.loads.observe(config.name, version, result.queue_ns, result.compute_ns)
         return InferOutcome(version, outputs, False, result.queue_ns, result.compute_ns,
                             model=config.name)
@@ -283,6 +319,9 @@ class Gateway:
     async def _invalidate(self, model: str, versions: list[str]) -> None:
         if self.cache is None:
             return
+        if self.l1 is not None:  # at once here; the service tells the other gateways
+            for version in versions or [""]:
+                self.l1.invalidate(model, version)
         try:
             if versions:
                 await asyncio.gather(*(self.cache.invalidate(model, v) for v in versions))

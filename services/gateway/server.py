@@ -17,6 +17,7 @@ from meshserve.common.settings import write_port_file
 from meshserve.gateway import protection, routing_servicer
 from meshserve.gateway.config import Settings
 from meshserve.gateway.core import Gateway
+from meshserve.gateway.l1 import L1Cache, L1Collector
 from meshserve.gateway.servicer import GatewayMetrics, InferenceServicer
 from meshserve.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from meshserve.tasks import server as tasks_server
@@ -35,9 +36,12 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
     batcher = BatcherClient(settings.batcher, transport=transport)
     cache = (CacheClient(settings.cache, settings.cache_timeout_ms / 1000, transport=transport)
              if settings.cache else None)
+    l1 = L1Cache(settings.l1_cache_mb * MiB) if cache is not None and settings.l1_cache_mb else None
+    if l1 is not None:
+        registry.register(L1Collector(l1))
     gateway = Gateway(
         ModelRepository(settings.model_repository), batcher, cache,
-        cache_timeout_s=settings.cache_timeout_ms / 1000,
+        cache_timeout_s=settings.cache_timeout_ms / 1000, l1=l1,
     )
     hops.register(registry, lambda: [*batcher.hop_counts(),
                                      *(cache.hop_counts() if cache is not None else [])])
