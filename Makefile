@@ -67,6 +67,8 @@ lint: $(STAMP)
 # Retrains the example models (the trained files are committed).
 models: $(STAMP)
 	$(PY) models/digits/train.py
+	$(PY) models/digits/export.py
+	$(PY) models/seqpool/build.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -50,7 +50,7 @@ class AsyncClient:
         with --api-keys-file require one). tls_ca: TLS, trusting this CA file (tls_cert and
         tls_key: a client certificate, for gateways that ask for one)."""
         options = channel_options(max_message_mb * MiB)
-        interceptors = [BearerAuth(api_key)] if api_key else None
+        interceptors = bearer_auth(api_key) if api_key else None
         if tls_ca or tls_cert:
             credentials = grpc.ssl_channel_credentials(
                 _read_pem(tls_ca), _read_pem(tls_key), _read_pem(tls_cert))
@@ -227,10 +227,7 @@ class AsyncClient:
             yield change
 
 
-class BearerAuth(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                 grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
-    """Adds `authorization: Bearer <key>` to every call of a channel."""
-
+class _Bearer:
     def __init__(self, api_key: str):
         self.header = ("authorization", f"Bearer {api_key}")
 
@@ -238,17 +235,33 @@ class BearerAuth(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClien
         metadata = grpc.aio.Metadata(*(details.metadata or ()), self.header)
         return details._replace(metadata=metadata)
 
+
+# grpc.aio files an interceptor under the FIRST call kind it implements only, so one
+# class per kind (one class with all four would leave streaming calls without the key).
+class _BearerUnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
+
+class _BearerUnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
+
+class _BearerStreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, details, request_iterator):
         return await continuation(self._details(details), request_iterator)
 
+
+class _BearerStreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, details, request_iterator):
         return await continuation(self._details(details), request_iterator)
+
+
+def bearer_auth(api_key: str) -> list:
+    """Interceptors adding `authorization: Bearer <key>` to every call of a channel."""
+    return [kind(api_key) for kind in (_BearerUnaryUnary, _BearerUnaryStream,
+                                       _BearerStreamUnary, _BearerStreamStream)]
 
 
 # ------------------------------------------------------------------- meshserve infer

@@ -1,6 +1,5 @@
 """python -m meshserve.batcher"""
 
-import asyncio
 import sys
 
 from meshserve.batcher import config
@@ -14,7 +13,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         sys.exit(f"meshserve.batcher: {e}")
     logs.setup(settings.log_level)
-    asyncio.run(serve(settings))
+    logs.run(serve(settings), "batcher")
 
 
 if __name__ == "__main__":

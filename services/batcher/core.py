@@ -22,12 +22,14 @@ from meshserve.batcher.workers import Key, Worker, WorkerPool
 from meshserve.common import tracing
 from meshserve.common.errors import (
     Cancelled,
+    ConfigError,
     Internal,
     InvalidInput,
     MeshError,
     NotFound,
     Unavailable,
 )
+from meshserve.common.logs import clip
 from meshserve.common.repository import ModelConfig, ModelRepository
 
 log = logging.getLogger(__name__)
@@ -235,13 +237,14 @@ class Batcher:
             self._load_errors[key] = (self.now(), "no model worker is connected")
             self.pool.notify()
             return
-        log.info("loading %s version %s on %s", model, version, w.address)
+        log.info("loading %s version %s on %s", clip(model), clip(version), w.address)
         w.loading.add(key)
         self.pool.notify()
         try:
             await w.link.load(model, version)
         except Exception as e:  # noqa: BLE001 - a failed load is reported, never raised
-            log.warning("loading %s version %s on %s failed: %s", model, version, w.address, e)
+            log.warning("loading %s version %s on %s failed: %s", clip(model), clip(version),
+                        w.address, clip(e))
             self._load_errors[key] = (self.now(), f"{w.address}: {e}")
             w.loading.discard(key)
             self.pool.notify()
@@ -288,7 +291,7 @@ class Batcher:
                     f"(after {attempts} attempts)"))
                 return
             log.info("batch %d of %s version %s failed on %s (%s); retrying",
-                     batch.batch_id, model, version, worker.address, error)
+                     batch.batch_id, clip(model), clip(version), worker.address, clip(error))
             try:
                 worker = await self._acquire(key, None, frozenset(failed_on))
             except MeshError as e:
@@ -354,10 +357,16 @@ class Batcher:
     # ------------------------------------------------------------------ models
 
     def want(self, models: list[str]) -> list[Key]:
-        """Marks models (every version the policy selects) wanted, e.g. from --load."""
+        """Marks models (every version the policy selects) wanted, e.g. from --load. A model
+        whose config is broken is skipped (logged; the index shows it UNAVAILABLE)."""
         keys = []
         for name in models:
-            for v in self.repository.served_versions(name):
+            try:
+                served = self.repository.served_versions(name)
+            except ConfigError as e:
+                log.error("model %s not loaded: %s", name, e)
+                continue
+            for v in served:
                 key = (name, str(v))
                 self._wanted.add(key)
                 self._unwanted.discard(key)
@@ -425,7 +434,12 @@ class Batcher:
         return [s for s in self.model_states(model) if s.version in versions]
 
     def _known_versions(self, model: str) -> list[str]:
-        on_disk = {str(v) for v in self.repository.versions(model)}
+        """Versions on disk and held by a worker (only those held when the config is broken:
+        one broken model must not break every other model's states)."""
+        try:
+            on_disk = {str(v) for v in self.repository.versions(model)}
+        except ConfigError:
+            on_disk = set()
         held = {
             m.version for w in self.pool.connected() if w.report
             for m in w.report.models if m.model == model

@@ -19,6 +19,14 @@ from meshserve.batcher.records import Batch, Request, join_rows
 from meshserve.common.errors import Cancelled, DeadlineExceeded, InvalidInput, MeshError, Overloaded
 from meshserve.common.repository import BatchingConfig
 
+# What must match for requests to share a batch: each input's datatype and its shape past
+# dimension 0 (inputs in the model's declared order).
+ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def shape_key(request: Request) -> ShapeKey:
+    return tuple((t.datatype, t.shape[1:]) for t in request.inputs)
+
 
 @dataclass(frozen=True, slots=True)
 class BatchPolicy:
@@ -88,15 +96,22 @@ class Plan:
 
 
 class BatchQueue:
-    """Requests of one model version waiting for a batch."""
+    """Requests of one model version waiting for a batch.
+
+    Each priority level keeps one FIFO per shape key: a batch joins only requests of the
+    head request's shape key (the oldest of the highest level), so requests of another
+    shape wait for a batch of their own, served in the order their oldest request came."""
 
     def __init__(self, model: str, version: str, policy: BatchPolicy,
                  now: Callable[[], float] = time.monotonic):
         self.model, self.version, self.policy, self.now = model, version, policy, now
-        self._levels: list[deque[Request]] = [deque() for _ in range(policy.priority_levels)]
-        self._by_id: dict[int, Request] = {}
+        self._levels: list[dict[ShapeKey, deque[Request]]] = [
+            {} for _ in range(policy.priority_levels)]
+        # By identity: request ids come from each client and may repeat across clients.
+        self._queued: set[Request] = set()
         self._deadlines: list[tuple[float, int, Request]] = []
         self._rows = 0
+        self._rows_by_key: dict[ShapeKey, int] = {}
         self._seq = itertools.count()
         self._changed = asyncio.Event()
         self.on_drop: Callable[[Request, MeshError], None] | None = None
@@ -104,7 +119,7 @@ class BatchQueue:
     # ------------------------------------------------------------------ intake
 
     def __len__(self) -> int:
-        return len(self._by_id)
+        return len(self._queued)
 
     @property
     def rows(self) -> int:
@@ -134,15 +149,17 @@ class BatchQueue:
     def put(self, request: Request) -> None:
         """Queues a request; Overloaded at once when the queue is full."""
         self.check_rows(request.rows)
-        if len(self._by_id) >= self.policy.max_queue_size:
+        if len(self._queued) >= self.policy.max_queue_size:
             raise Overloaded(
                 f"the queue of model '{self.model}' version {self.version} is full: "
-                f"{len(self._by_id)} requests queued, limit {self.policy.max_queue_size}"
+                f"{len(self._queued)} requests queued, limit {self.policy.max_queue_size}"
             )
         request.seq = next(self._seq)
-        self._levels[request.level - 1].append(request)
-        self._by_id[request.request_id] = request
+        key = shape_key(request)
+        self._levels[request.level - 1].setdefault(key, deque()).append(request)
+        self._queued.add(request)
         self._rows += request.rows
+        self._rows_by_key[key] = self._rows_by_key.get(key, 0) + request.rows
         if request.deadline_s is not None:
             heapq.heappush(self._deadlines, (request.deadline_s, request.seq, request))
         self._changed.set()
@@ -150,7 +167,7 @@ class BatchQueue:
     def cancel(self, request: Request) -> bool:
         """Drops a queued request at once, answering it CANCELLED. False if not queued."""
         request.cancelled = True
-        if self._by_id.get(request.request_id) is not request:
+        if request not in self._queued:
             return False
         self._remove(request)
         self._drop(request, Cancelled("request cancelled by its caller"))
@@ -169,18 +186,21 @@ class BatchQueue:
         now = self.now()
         while self._deadlines and (self._deadlines[0][0] <= now or self._deadlines[0][2].done):
             _, _, r = heapq.heappop(self._deadlines)
-            if r.request_id in self._by_id and not r.done:
+            if r in self._queued and not r.done:
                 self._remove(r)
                 self._drop(r, DeadlineExceeded(
                     f"request timed out after {(now - r.enqueued_s) * 1e3:.1f} ms in the queue "
                     f"of model '{self.model}' version {self.version}"))
                 dropped += 1
         for level in self._levels:
-            while level and level[0].done:
-                r = level.popleft()
-                self._forget(r)
-                self._drop(r, Cancelled("request cancelled by its caller"))
-                dropped += 1
+            for key, group in list(level.items()):
+                while group and group[0].done:
+                    r = group.popleft()
+                    self._forget(r)
+                    self._drop(r, Cancelled("request cancelled by its caller"))
+                    dropped += 1
+                if not group:
+                    del level[key]
         return dropped
 
     def next_deadline_s(self) -> float | None:
@@ -198,15 +218,16 @@ class BatchQueue:
         the batch closes when full, at a preferred size, or when the oldest request has
         waited the window."""
         self.purge()
-        if not self._by_id:
+        if not self._queued:
             return None
         if idle:
             return 0.0
-        if self._rows >= self.plan(plan).target_rows or self.policy.max_batch_size == 0:
+        rows = self._rows_by_key[shape_key(self._head())]
+        if rows >= self.plan(plan).target_rows or self.policy.max_batch_size == 0:
             return 0.0
-        if plan is None and any(p <= self._rows for p in self.policy.preferred_batch_sizes):
+        if plan is None and any(p <= rows for p in self.policy.preferred_batch_sizes):
             return 0.0
-        oldest = min(level[0].enqueued_s for level in self._levels if level)
+        oldest = min(g[0].enqueued_s for level in self._levels for g in level.values())
         wait = oldest + self.plan(plan).max_wait_s - self.now()
         deadline = self.next_deadline_s()
         if deadline is not None:
@@ -214,32 +235,37 @@ class BatchQueue:
         return max(wait, 0.0)
 
     def take(self, batch_id: int, plan: Plan | None = None) -> Batch | None:
-        """Closes a batch: highest level first, FIFO within a level, whole requests only."""
+        """Closes a batch of the head request's shape key: highest level first, FIFO within
+        a level, whole requests only."""
         self.purge()
-        if not self._by_id:
+        if not self._queued:
             return None
+        key = shape_key(self._head())
+        available = self._rows_by_key[key]
         limit = min(self.plan(plan).target_rows, self.policy.batch_rows)
         # An adaptive plan replaces the preferred sizes.
-        preferred = [p for p in self.policy.preferred_batch_sizes if p <= self._rows]
-        if plan is None and preferred and self._rows < limit:
+        preferred = [p for p in self.policy.preferred_batch_sizes if p <= available]
+        if plan is None and preferred and available < limit:
             limit = max(preferred)
         taken: list[Request] = []
         rows = 0
         for level in self._levels:
-            while level:
-                r = level[0]
+            group = level.get(key)
+            while group:
+                r = group[0]
                 if r.done:
-                    level.popleft()
+                    group.popleft()
                     self._forget(r)
                     self._drop(r, Cancelled("request cancelled by its caller"))
                     continue
                 if taken and (rows + r.rows > limit or self.policy.max_batch_size == 0):
                     break
-                level.popleft()
+                group.popleft()
                 self._forget(r)
                 taken.append(r)
                 rows += r.rows
             else:
+                level.pop(key, None)
                 continue
             break
         if not taken:
@@ -249,7 +275,7 @@ class BatchQueue:
     async def wait_nonempty(self) -> None:
         while True:
             self.purge()
-            if self._by_id:
+            if self._queued:
                 return
             self._changed.clear()
             await self._changed.wait()
@@ -281,22 +307,39 @@ class BatchQueue:
         """Answers every queued request with error (no worker can serve them)."""
         failed = 0
         for level in self._levels:
-            while level:
-                r = level.popleft()
-                self._forget(r)
-                self._drop(r, error if not r.done else Cancelled("request cancelled"))
-                failed += 1
+            for group in level.values():
+                while group:
+                    r = group.popleft()
+                    self._forget(r)
+                    self._drop(r, error if not r.done else Cancelled("request cancelled"))
+                    failed += 1
+            level.clear()
         return failed
 
     # ------------------------------------------------------------------ helpers
 
+    def _head(self) -> Request:
+        """The oldest request of the highest non-empty level (the queue is not empty)."""
+        level = next(level for level in self._levels if level)
+        return min((g[0] for g in level.values()), key=lambda r: r.seq)
+
     def _remove(self, r: Request) -> None:
-        self._levels[r.level - 1].remove(r)
+        level, key = self._levels[r.level - 1], shape_key(r)
+        level[key].remove(r)
+        if not level[key]:
+            del level[key]
         self._forget(r)
 
     def _forget(self, r: Request) -> None:
-        if self._by_id.pop(r.request_id, None) is not None:
+        if r in self._queued:
+            self._queued.remove(r)
             self._rows -= r.rows
+            key = shape_key(r)
+            left = self._rows_by_key[key] - r.rows
+            if left:
+                self._rows_by_key[key] = left
+            else:
+                del self._rows_by_key[key]
 
     def _drop(self, r: Request, error: MeshError) -> None:
         if self.on_drop is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from meshserve.common.datatypes import datatype
-from meshserve.common.errors import InvalidInput, MeshError
+from meshserve.common.errors import Internal, InvalidInput, MeshError
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +62,12 @@ def join_rows(parts: list[RawTensor]) -> RawTensor:
     first = parts[0]
     if len(parts) == 1:
         return first
+    for p in parts:
+        if p.shape[1:] != first.shape[1:] or p.datatype != first.datatype:
+            # The queue batches by shape key; reaching this is a bug, never a mixed batch.
+            raise Internal(
+                f"input '{first.name}': cannot join {first.datatype} {list(first.shape)} "
+                f"and {p.datatype} {list(p.shape)} into one batch")
     rows = sum(p.rows for p in parts)
     data = np.concatenate([p.data for p in parts])
     return RawTensor(first.name, first.datatype, (rows, *first.shape[1:]), data)

@@ -9,6 +9,7 @@ import asyncio
 import logging
 
 from meshserve.common.grpcutil import grpc_errors
+from meshserve.common.logs import clip
 from meshserve.pb.meshserve.v1 import routing_pb2 as rpb
 from meshserve.pb.meshserve.v1 import routing_pb2_grpc as rpb_grpc
 
@@ -29,7 +30,7 @@ class PolicyBoard:
             self.policies.pop(change.model, None)
         else:
             self.policies[change.model] = change
-        log.info("routing policy of %s %s", change.model, "removed" if change.deleted else "set")
+        log.info("routing policy of %s %s", clip(change.model), "removed" if change.deleted else "set")
         for q in list(self._watchers):
             q.put_nowait(change)
         return change

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from meshserve.cache.config import from_args
 from meshserve.cache.server import serve
 from meshserve.common import logs
@@ -12,7 +10,7 @@ from meshserve.common import logs
 def main(argv: list[str] | None = None) -> None:
     settings = from_args(argv)
     logs.setup(settings.log_level)
-    asyncio.run(serve(settings))
+    logs.run(serve(settings), "cache")
 
 
 if __name__ == "__main__":

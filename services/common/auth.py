@@ -3,11 +3,16 @@
 The keys file (JSON) holds only SHA-256 hashes of the keys, never a key in clear:
 
     {"keys": [{"name": "team-a", "sha256": "<64 hex>", "models": ["digits"],
-               "priority": 1, "rate_per_s": 50, "burst": 100}]}
+               "scopes": ["infer"], "priority": 1, "rate_per_s": 50, "burst": 100}]}
 
 - models: the models the key may use ("*" = all); priority: the request priority used when
   a request sets none (0 = the model's default); rate_per_s / burst: the key's token bucket
   (absent: no per-key limit).
+- scopes: what the key may do with those models. "infer": inference, metadata/config/ready,
+  and async tasks (submit; get/watch/cancel of the tasks it submitted). "admin": model
+  control (load/unload), routing policies, statistics and the server-wide settings calls.
+  A key without "scopes" (files written before scopes existed) has both, as it had before;
+  `meshserve keys add` writes the scopes explicitly (default: infer only).
 No grpc here: the gateway's protection module reads the presented key from gRPC metadata.
 """
 
@@ -23,6 +28,7 @@ import secrets
 import sys
 import tempfile
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +40,12 @@ log = logging.getLogger(__name__)
 ALL_MODELS = "*"
 KEY_PREFIX = "msk_"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_ENTRY_FIELDS = {"name", "sha256", "models", "priority", "rate_per_s", "burst"}
+_ENTRY_FIELDS = {"name", "sha256", "models", "scopes", "priority", "rate_per_s", "burst"}
+INFER = "infer"
+ADMIN = "admin"
+SCOPES = (INFER, ADMIN)
+# A key written before scopes existed could do everything on its models: it still can.
+LEGACY_SCOPES = frozenset(SCOPES)
 
 
 def hash_key(key: str) -> str:
@@ -54,10 +65,25 @@ class ApiKey:
     models: frozenset[str]  # ALL_MODELS inside: every model
     priority: int = 0  # 0: the model's default
     limit: RateLimit | None = None
+    scopes: frozenset[str] = LEGACY_SCOPES
+
+    def has(self, scope: str) -> bool:
+        return scope in self.scopes
 
     def allows(self, model: str) -> bool:
         """model "" stands for every model (e.g. statistics of all): needs "*"."""
         return ALL_MODELS in self.models or (model != "" and model in self.models)
+
+
+# The key of the call being served (set by the gateway's protection after it checked the
+# key; None when auth is off). Async tasks are bound to it: owner() below.
+CALLER: ContextVar[ApiKey | None] = ContextVar("meshserve_caller", default=None)
+
+
+def owner() -> str:
+    """Who owns what the current call creates: the caller key's hash ("" when auth is off)."""
+    key = CALLER.get()
+    return key.sha256 if key is not None else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +126,10 @@ def parse_keys(data: object, source: str) -> KeySet:
         if (not isinstance(models, list) or not models
                 or not all(isinstance(m, str) and m for m in models)):
             raise ConfigError(f"{where}.models: a non-empty list of model names (or \"*\")")
+        scopes = entry.get("scopes", sorted(LEGACY_SCOPES))
+        if (not isinstance(scopes, list) or not scopes
+                or not all(isinstance(x, str) and x in SCOPES for x in scopes)):
+            raise ConfigError(f"{where}.scopes: a non-empty list of {list(SCOPES)}")
         priority = entry.get("priority", 0)
         if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
             raise ConfigError(f"{where}.priority: an integer >= 0 (0: the model's default)")
@@ -118,7 +148,8 @@ def parse_keys(data: object, source: str) -> KeySet:
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
         names.add(name)
-        by_hash[digest] = ApiKey(name, digest, frozenset(models), priority, limit)
+        by_hash[digest] = ApiKey(name, digest, frozenset(models), priority, limit,
+                                 frozenset(scopes))
     return KeySet(by_hash)
 
 
@@ -211,6 +242,10 @@ def keys_main(argv: list[str]) -> int:
     add = sub.add_parser("add", help="create a key: printed once, only its hash is stored")
     add.add_argument("name")
     add.add_argument("--models", required=True, help='comma list of models, or "*" for all')
+    add.add_argument("--scopes", default=INFER,
+                     help=f"comma list of {', '.join(SCOPES)} (default: {INFER}): infer = "
+                          "inference, metadata and its own async tasks; admin = load, unload, "
+                          "routing, statistics")
     add.add_argument("--priority", type=int, default=0, help="default request priority (0: model's)")
     add.add_argument("--rate-per-s", type=float, default=None, help="the key's rate limit")
     add.add_argument("--burst", type=float, default=None, help="the key's burst (default: rate)")
@@ -227,7 +262,8 @@ def keys_main(argv: list[str]) -> int:
             for e in data["keys"]:
                 limit = f" rate_per_s={e['rate_per_s']} burst={e.get('burst')}" \
                     if "rate_per_s" in e else ""
-                print(f"{e['name']}: models={','.join(e['models'])} "
+                scopes = ",".join(e.get("scopes", sorted(LEGACY_SCOPES)))
+                print(f"{e['name']}: models={','.join(e['models'])} scopes={scopes} "
                       f"priority={e.get('priority', 0)}{limit}")
             return 0
         if args.action == "remove":
@@ -241,6 +277,7 @@ def keys_main(argv: list[str]) -> int:
         key = generate_key()
         entry: dict = {"name": args.name, "sha256": hash_key(key),
                        "models": [m.strip() for m in args.models.split(",") if m.strip()],
+                       "scopes": [x.strip() for x in args.scopes.split(",") if x.strip()],
                        "priority": args.priority}
         if args.rate_per_s is not None:
             entry["rate_per_s"] = args.rate_per_s

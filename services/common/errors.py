@@ -1,4 +1,4 @@
-"""Domain errors. Each maps to exactly one gRPC status code (see grpcutil.STATUS_OF).
+"""Domain errors. Each maps to exactly one gRPC status code (grpcutil.status_of, by code_name).
 
 Domain modules raise these; only the gRPC layer turns them into statuses.
 """
@@ -50,8 +50,11 @@ class PermissionDenied(MeshError):
     code_name = "PERMISSION_DENIED"
 
 
-class ConfigError(ValueError):
-    """An invalid model config or setting; the message names the file and the field."""
+class ConfigError(MeshError, ValueError):
+    """An invalid model config or setting; the message names the file and the field.
+    Answered FAILED_PRECONDITION: the repository must be fixed before the call can work."""
+
+    code_name = "FAILED_PRECONDITION"
 
 
 ERRORS_BY_CODE_NAME = {

@@ -9,22 +9,26 @@ import inspect
 import logging
 import signal
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from meshserve.common import errors
+from meshserve.common.errors import ConfigError
+from meshserve.common.logs import clip
 from meshserve.common.transport import PLAINTEXT, Transport
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+# A status message at most this long (it quotes client strings; see grpc_errors).
+STATUS_MESSAGE_CHARS = 1000
 
-# The one table from domain errors to gRPC status codes.
-STATUS_OF: dict[type[errors.MeshError], grpc.StatusCode] = {
-    cls: getattr(grpc.StatusCode, cls.code_name) for cls in errors.ERRORS_BY_CODE_NAME.values()
-}
+# The one table from domain errors to gRPC status codes (by the error's code_name, so a
+# subclass such as ConfigError answers its own code).
+STATUS_BY_NAME: dict[str, grpc.StatusCode] = {c.name: c for c in grpc.StatusCode}
 _CODE_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 
 
@@ -32,11 +36,16 @@ def status_code(code: int) -> grpc.StatusCode:
     return _CODE_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
 
 
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    """The status a domain error answers; INTERNAL for anything else."""
+    if isinstance(exc, errors.MeshError):
+        return STATUS_BY_NAME.get(exc.code_name, grpc.StatusCode.INTERNAL)
+    return grpc.StatusCode.INTERNAL
+
+
 def code_value(exc: BaseException) -> int:
     """The grpc.StatusCode value of a domain error (for results carried inside a stream)."""
-    if isinstance(exc, errors.MeshError):
-        return STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL).value[0]
-    return grpc.StatusCode.INTERNAL.value[0]
+    return status_of(exc).value[0]
 
 
 def error_from_code(code: int, message: str) -> errors.MeshError:
@@ -58,7 +67,9 @@ def grpc_errors(method: Callable) -> Callable:
 
     async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, name: str):
         if isinstance(exc, errors.MeshError):
-            await context.abort(STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL), str(exc))
+            # The message may quote what the client sent (a 1 MB model name): bounded, as
+            # it travels in a trailer (clients refuse metadata over 16 KiB).
+            await context.abort(status_of(exc), clip(str(exc), STATUS_MESSAGE_CHARS))
         log.exception("unexpected error in %s", name)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name}")
 
@@ -164,8 +175,43 @@ def server_credentials(transport: Transport) -> grpc.ServerCredentials | None:
         require_client_auth=transport.tls_client_auth == "require")
 
 
-def server_options(max_message_bytes: int = 64 * MiB,
-                   reuse_port: bool = False) -> list[tuple[str, object]]:
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What one client connection may hold on a server: streams (calls) open at once,
+    how long it may sit without a call, and how old it may grow (then it is asked to go
+    away: its calls get max_age_grace_s to finish, the client reconnects). 0: no limit."""
+
+    max_concurrent_streams: int = 1024
+    max_idle_s: float = 600.0
+    max_age_s: float = 0.0
+    max_age_grace_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent_streams < 1:
+            raise ConfigError(f"--max-concurrent-streams: must be >= 1, "
+                              f"got {self.max_concurrent_streams}")
+        for name, value in (("idle", self.max_idle_s), ("age", self.max_age_s),
+                            ("age grace", self.max_age_grace_s)):
+            if not value >= 0:
+                raise ConfigError(f"connection {name} limit must be >= 0 s, got {value}")
+
+    def options(self) -> list[tuple[str, object]]:
+        out: list[tuple[str, object]] = [
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams)]
+        if self.max_idle_s:
+            out.append(("grpc.max_connection_idle_ms", int(self.max_idle_s * 1000)))
+        if self.max_age_s:
+            out += [("grpc.max_connection_age_ms", int(self.max_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(self.max_age_grace_s * 1000))]
+        return out
+
+
+# Internal services: their clients are our own long-lived streams, never aged out.
+INTERNAL_LIMITS = ConnectionLimits()
+
+
+def server_options(max_message_bytes: int = 64 * MiB, reuse_port: bool = False,
+                   limits: ConnectionLimits = INTERNAL_LIMITS) -> list[tuple[str, object]]:
     """reuse_port: SO_REUSEPORT, so several processes can share one listening port (the
     kernel spreads new connections over them); off by default, so a taken port fails."""
     return [
@@ -175,7 +221,92 @@ def server_options(max_message_bytes: int = 64 * MiB,
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.max_ping_strikes", 0),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
+        *limits.options(),
     ]
+
+
+class _Undecodable:
+    """What a guarded deserializer returns for bytes that are not the method's message."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _guarded_deserializer(method: str, deserializer: Callable) -> Callable:
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the client's input
+            return _Undecodable(f"{method}: the request is not a valid protobuf message "
+                                f"({len(data)} bytes): {e}")
+    return deserialize
+
+
+async def _checked(requests, context):
+    """A request stream that ends the call INVALID_ARGUMENT at its first undecodable message."""
+    async for request in requests:
+        if type(request) is _Undecodable:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        yield request
+
+
+def _guard_behavior(behavior: Callable, streaming_requests: bool) -> Callable:
+    """`behavior` answering undecodable requests INVALID_ARGUMENT before it runs. An async
+    generator stays one; anything else becomes a coroutine (a synchronous behavior, such as
+    a generated base class's UNIMPLEMENTED method, is called inline, as grpc.aio does)."""
+
+    async def check(request, context):
+        if streaming_requests:
+            return _checked(request, context)
+        if type(request) is _Undecodable:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return request
+
+    if inspect.isasyncgenfunction(behavior):
+        async def stream_behavior(request, context):
+            async for response in behavior(await check(request, context), context):
+                yield response
+        return stream_behavior
+
+    async def unary_behavior(request, context):
+        result = behavior(await check(request, context), context)
+        return (await result) if inspect.isawaitable(result) else result
+    return unary_behavior
+
+
+def guard_decoding(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The handler with a deserializer that never raises: bytes that do not parse as the
+    method's request answer INVALID_ARGUMENT with a clear message. (grpc.aio deserializes
+    before the servicer runs, so without this they end UNKNOWN "Unexpected DecodeError".)"""
+    if handler.request_deserializer is None:
+        return handler
+    kind = ("stream" if handler.request_streaming else "unary") + "_" + (
+        "stream" if handler.response_streaming else "unary")
+    return handler._replace(
+        request_deserializer=_guarded_deserializer(method, handler.request_deserializer),
+        **{kind: _guard_behavior(getattr(handler, kind), handler.request_streaming)},
+    )
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """First interceptor of every server (so it also covers what later interceptors read):
+    guard_decoding on each method's handler, built once per method."""
+
+    def __init__(self):
+        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        cached = self._handlers.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, guard_decoding(method, handler))
+            self._handlers[method] = cached
+        return cached[1]
 
 
 @functools.cache
@@ -201,14 +332,17 @@ def new_server(
     reuse_port: bool = False,
     transport: Transport | None = None,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    limits: ConnectionLimits = INTERNAL_LIMITS,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """An aio server with grpc.health.v1 (NOT_SERVING until the caller says so) and
     reflection for the given services. Returns (server, bound port, health servicer).
-    transport: TLS / mTLS and the default compression of responses (plaintext without)."""
+    transport: TLS / mTLS and the default compression of responses (plaintext without).
+    limits: streams, idle time and age of each client connection.
+    Every method answers undecodable request bytes INVALID_ARGUMENT (DecodeGuard)."""
     t = transport or PLAINTEXT
-    server = grpc.aio.server(options=server_options(max_message_bytes, reuse_port),
+    server = grpc.aio.server(options=server_options(max_message_bytes, reuse_port, limits),
                              compression=_compression(t.compression),
-                             interceptors=list(interceptors) or None)
+                             interceptors=[DecodeGuard(), *interceptors])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)

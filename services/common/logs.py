@@ -1,15 +1,78 @@
-"""One log format for every service."""
+"""One log format for every service; client strings made safe for a log line; one-line
+start-up failures."""
 
+from __future__ import annotations
+
+import asyncio
 import logging
 import sys
+from collections.abc import Coroutine
+
+from meshserve.common.errors import MeshError
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# A client-supplied string in a log line: at most this many characters.
+CLIP_CHARS = 200
+# Any one log message (after formatting): at most this many characters, on one line.
+MESSAGE_CHARS = 8192
+# The items of a client-supplied list (a shape) shown in a log line.
+CLIP_ITEMS = 16
+
+
+def clip(value: object, limit: int = CLIP_CHARS) -> str:
+    """A client-supplied value (model name, id, shape, an error quoting one) fit for a log
+    line: at most `limit` characters, then `...[N chars]` with the original length; control
+    characters and line breaks escaped (a client cannot forge or split log lines)."""
+    if isinstance(value, (list, tuple)) and len(value) > CLIP_ITEMS:
+        value = f"[{', '.join(map(str, value[:CLIP_ITEMS]))}, ...] ({len(value)} items)"
+    text = value if isinstance(value, str) else str(value)
+    n = len(text)
+    head = text[:limit]
+    if not head.isprintable():
+        head = "".join(c if c.isprintable() else repr(c)[1:-1] for c in head)
+    return head if n <= limit else f"{head}...[{n} chars]"
+
+
+class _OneLine(logging.Filter):
+    """Every message on one line and bounded, whatever a caller passed (tracebacks,
+    added by the formatter after this, keep their lines)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format is the handler's to report
+            return True
+        if len(message) > MESSAGE_CHARS or not message.isprintable():
+            record.msg, record.args = clip(message, MESSAGE_CHARS), None
+        return True
 
 
 def setup(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(_OneLine())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("asyncio").setLevel(logging.WARNING)
+
+
+# What a service cannot start or run without (a taken port, a bad flag or file, a peer
+# that refuses): one line naming the cause, not a traceback.
+EXPECTED_FAILURES = (OSError, ValueError, RuntimeError, LookupError, MeshError)
+
+
+def run(main: Coroutine, service: str) -> None:
+    """asyncio.run(main) for a service's process. A failure of an expected kind ends the
+    process with one log line naming the cause (the traceback at DEBUG) and exit code 1;
+    anything else keeps its traceback (a bug to see)."""
+    log = logging.getLogger(f"meshserve.{service}")
+    try:
+        asyncio.run(main)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except EXPECTED_FAILURES as e:
+        log.debug("%s stopped", service, exc_info=True)
+        log.critical("%s cannot run: %s: %s", service, type(e).__name__, e)
+        raise SystemExit(1) from None

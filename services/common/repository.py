@@ -15,16 +15,25 @@ from pathlib import Path
 from typing import Any
 
 from meshserve.common.datatypes import DATATYPES
-from meshserve.common.errors import ConfigError, InvalidInput, NotFound
+from meshserve.common.errors import ConfigError, FailedPrecondition, InvalidInput, NotFound
 
 CONFIG_FILE = "config.json"
 FORMATS = {
     # format -> (default file name, Triton platform reported in ModelConfig/ModelMetadata)
     "torchscript": ("model.pt", "pytorch_libtorch"),
     "mlp_checkpoint": ("model.pth", "pytorch_checkpoint"),
+    "torch_export": ("model.pt2", "pytorch_export"),
+    "aot_inductor": ("model.pt2", "pytorch_aot_inductor"),
 }
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+# precision -> torch dtype name the weights and floating inputs are cast to
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# Formats holding an eager module that torch.compile and a weight cast can work on
+# (a TorchScript module cannot be compiled; an AOTInductor package is compiled already).
+_COMPILABLE = ("torch_export", "mlp_checkpoint")
+_CASTABLE = ("torchscript", "torch_export", "mlp_checkpoint")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-_TORCH_DATATYPES = tuple(n for n, d in DATATYPES.items() if d.torch is not None)
+_TORCH_DATATYPES = tuple(n for n, d in DATATYPES.items() if d.torch_name is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +79,21 @@ class WarmupConfig:
     enabled: bool = True
     # Extra batch sizes to warm beyond the buckets (1, 2, 4, ... max, preferred).
     batch_sizes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CompileConfig:
+    """torch.compile at load (every bucket warmed, i.e. compiled, before READY)."""
+
+    mode: str = "default"  # default | reduce-overhead | max-autotune
+    dynamic: bool = False
+    # On a compiler error, serve the eager model (and report the error) instead of failing.
+    fallback: bool = False
+
+    @property
+    def captures_cuda_graphs(self) -> bool:
+        """These modes capture CUDA graphs themselves (the worker's own are then off)."""
+        return self.mode in ("reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +154,8 @@ class ModelConfig:
     cuda_graphs: bool = True
     model_filename: str = "model.pt"
     routing: RoutingConfig | None = None
+    compile: CompileConfig | None = None
+    precision: str = "fp32"  # fp32 | bf16 | fp16
 
     @property
     def platform(self) -> str:
@@ -237,7 +263,7 @@ def parse_config(data: Any, where: str, expected_name: str | None = None) -> Mod
     f.check_keys({
         "name", "format", "max_batch_size", "inputs", "outputs", "batching", "cache", "warmup",
         "classifier", "version_policy", "default_version", "cuda_graphs", "model_filename",
-        "routing",
+        "routing", "compile", "precision",
     })
     name = f.get("name", str, expected_name, required=expected_name is None)
     if expected_name is not None and name != expected_name:
@@ -378,6 +404,13 @@ def parse_config(data: Any, where: str, expected_name: str | None = None) -> Mod
         f.fail("model_filename", f"must be a plain file name, got {filename!r}")
 
     routing = _routing(f.sub("routing"))
+    compile_cfg = _compile(f.sub("compile"), fmt)
+    precision = f.get("precision", str, "fp32")
+    if precision not in PRECISIONS:
+        f.fail("precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision != "fp32" and fmt not in _CASTABLE:
+        f.fail("precision", f"{precision} cannot apply to an {fmt} model: a package runs at "
+               "the precision it was compiled in (export it in that precision instead)")
 
     return ModelConfig(
         name=name,
@@ -394,7 +427,25 @@ def parse_config(data: Any, where: str, expected_name: str | None = None) -> Mod
         cuda_graphs=f.get("cuda_graphs", bool, True),
         model_filename=filename,
         routing=routing,
+        compile=compile_cfg,
+        precision=precision,
     )
+
+
+def _compile(c: _Fields | None, fmt: str) -> CompileConfig | None:
+    """`compile`: {"mode": "default", "dynamic": false, "fallback": false}."""
+    if c is None:
+        return None
+    c.check_keys({"mode", "dynamic", "fallback"})
+    if fmt not in _COMPILABLE:
+        c.fail("", f"torch.compile needs an eager module ({' or '.join(_COMPILABLE)} format), "
+               f"not {fmt}" + (": export the model with torch.export instead"
+                               if fmt == "torchscript" else ": it is compiled already"))
+    mode = c.get("mode", str, "default")
+    if mode not in COMPILE_MODES:
+        c.fail("mode", f"{mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    return CompileConfig(mode=mode, dynamic=c.get("dynamic", bool, False),
+                         fallback=c.get("fallback", bool, False))
 
 
 def _routing(r: _Fields | None) -> RoutingConfig | None:
@@ -475,14 +526,34 @@ class ModelRepository:
             raise ConfigError(f"{path}: invalid JSON: {e}") from None
         return parse_config(data, str(path), expected_name=name)
 
-    def versions(self, name: str) -> list[int]:
-        """Versions present on disk: positive-integer folders holding the model file."""
+    def versions(self, name: str, config: ModelConfig | None = None) -> list[int]:
+        """Versions present on disk: positive-integer folders holding the model file.
+        config: the model's, when the caller has just read it (saves a parse)."""
         model_dir = self._model_dir(name)
-        filename = self.config(name).model_filename
+        filename = (config or self.config(name)).model_filename
         return sorted(
             int(p.name) for p in model_dir.iterdir()
             if p.is_dir() and p.name.isdigit() and int(p.name) > 0 and (p / filename).is_file()
         )
+
+    def missing_file(self, name: str, version: str = "", config: ModelConfig | None = None) -> str:
+        """Why a version (or, without one, every version folder) holds no model: the file
+        its format needs and the files found instead."""
+        config = config or self.config(name)
+        model_dir = self._model_dir(name)
+        folders = [model_dir / str(version)] if version else sorted(
+            (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
+            key=lambda p: int(p.name))
+        expected = (f"{config.format} model '{name}' needs the file "
+                    f"'{config.model_filename}' in a version folder")
+        if not folders:
+            return f"{expected}; {model_dir} has no version folder (1/, 2/, ...)"
+        found = []
+        for folder in folders[:8]:
+            files = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else None
+            found.append(f"{folder.name}/ holds {', '.join(files) or 'nothing'}"
+                         if files is not None else f"{folder.name}/ does not exist")
+        return f"{expected}; {'; '.join(found)}"
 
     def served_versions(self, name: str) -> list[int]:
         return self.config(name).version_policy.select(self.versions(name))
@@ -499,7 +570,10 @@ class ModelRepository:
     def model_file(self, name: str, version: str) -> Path:
         if not str(version).isdigit():
             raise NotFound(f"model '{name}' has no version {version!r}")
-        path = self._model_dir(name) / str(int(version)) / self.config(name).model_filename
+        config = self.config(name)
+        path = self._model_dir(name) / str(int(version)) / config.model_filename
         if not path.is_file():
-            raise NotFound(f"model '{name}' has no version {version} ({path} is missing)")
+            if not path.parent.is_dir():
+                raise NotFound(f"model '{name}' has no version {version} ({path.parent} is missing)")
+            raise FailedPrecondition(self.missing_file(name, str(int(version)), config))
         return path

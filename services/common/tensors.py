@@ -2,19 +2,24 @@
 
 Tensors cross every hop as raw row-major little-endian bytes; these helpers are the only
 place that turns bytes into arrays and back, always without per-element Python work.
+torch is imported only by the torch helpers (a client working in numpy never loads it).
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from meshserve.common.datatypes import byte_size, datatype, from_numpy, from_torch
 from meshserve.common.errors import InvalidInput
 from meshserve.pb.meshserve.v1 import tensor_pb2
+
+if TYPE_CHECKING:
+    import torch
 
 # Arrays over received bytes are read-only views; we never write to them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -41,6 +46,8 @@ def to_numpy(name: str, dtype: str, shape: Sequence[int], data: bytes) -> np.nda
 
 
 def to_torch(name: str, dtype: str, shape: Sequence[int], data: bytes) -> torch.Tensor:
+    import torch
+
     dt = datatype(dtype)
     if dt.torch is None:
         raise InvalidInput(f"input '{name}': datatype {dtype} cannot be read as a torch tensor")
@@ -52,7 +59,8 @@ def to_torch(name: str, dtype: str, shape: Sequence[int], data: bytes) -> torch.
 
 def raw_bytes(array: np.ndarray | torch.Tensor) -> tuple[str, list[int], bytes]:
     """(datatype, shape, little-endian row-major bytes) of an array or tensor."""
-    if isinstance(array, torch.Tensor):
+    torch = sys.modules.get("torch")  # not imported: array cannot be a torch tensor
+    if torch is not None and isinstance(array, torch.Tensor):
         dtype = from_torch(array.dtype)
         t = array.detach().to("cpu").contiguous()
         shape = list(t.shape)

@@ -22,6 +22,8 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from meshserve.common.logs import clip
+
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "traceparent"
@@ -136,8 +138,10 @@ def log_request(logger: logging.Logger, ctx: TraceContext | None, msg: str, *arg
     and for errors (at WARNING) whatever the sampling."""
     if ctx is None or not (ctx.sampled or error):
         return
+    # Model names, versions, shapes and errors quoting them come from clients: clipped.
+    safe = [a if isinstance(a, (int, float)) else clip(a) for a in args]
     logger.log(logging.WARNING if error else logging.INFO, "trace=%s " + msg, ctx.trace_id,
-               *args)
+               *safe)
 
 
 # ---------------------------------------------------------------- OpenTelemetry spans

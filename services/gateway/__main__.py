@@ -1,7 +1,5 @@
 """python -m meshserve.gateway: the public Open Inference Protocol v2 API."""
 
-import asyncio
-
 from meshserve.common import logs
 from meshserve.gateway.config import from_args
 from meshserve.gateway.server import serve
@@ -10,7 +8,7 @@ from meshserve.gateway.server import serve
 def main(argv: list[str] | None = None) -> None:
     settings = from_args(argv)
     logs.setup(settings.log_level)
-    asyncio.run(serve(settings))
+    logs.run(serve(settings), "gateway")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,11 @@ class Settings:
     # The in-process L1 in front of the cache service (0: none).
     l1_cache_mb: int = 64
     max_message_mb: int = 64
+    # Per client connection: streams at once, idle and age limits (0: none).
+    max_concurrent_streams: int = 1024
+    max_connection_idle_s: float = 600.0
+    max_connection_age_s: float = 3600.0
+    max_connection_age_grace_s: float = 300.0
     # Requests handled at once on one ModelStreamInfer stream.
     max_stream_concurrency: int = 1024
     grace_s: float = 5.0
@@ -64,12 +69,19 @@ class Settings:
             raise ConfigError(f"--max-concurrent-requests: must be >= 1, "
                               f"got {self.max_concurrent_requests}")
         self.model_limits()
+        self.connection_limits()
         if self.async_runners < 0:
             raise ConfigError(f"--async-runners: must be >= 0, got {self.async_runners}")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise ConfigError(f"--trace-sample-ratio: must be in [0, 1], got "
                               f"{self.trace_sample_ratio}")
         self.queue_settings()
+
+    def connection_limits(self):
+        from meshserve.common.grpcutil import ConnectionLimits
+
+        return ConnectionLimits(self.max_concurrent_streams, self.max_connection_idle_s,
+                                self.max_connection_age_s, self.max_connection_age_grace_s)
 
     def model_limits(self):
         from meshserve.common.ratelimit import parse_model_limits
@@ -101,6 +113,14 @@ def from_args(argv: list[str] | None = None) -> Settings:
     f.add("--l1-cache-mb", int, d.l1_cache_mb,
           "in-process cache of hot results in front of the cache service (0: off)")
     f.add("--max-message-mb", int, d.max_message_mb, "largest request or response message")
+    f.add("--max-concurrent-streams", int, d.max_concurrent_streams,
+          "calls open at once on one client connection (HTTP/2 streams)")
+    f.add("--max-connection-idle-s", float, d.max_connection_idle_s,
+          "close a client connection without calls after this long (0: never)")
+    f.add("--max-connection-age-s", float, d.max_connection_age_s,
+          "ask a client connection to reconnect after this long (0: never)")
+    f.add("--max-connection-age-grace-s", float, d.max_connection_age_grace_s,
+          "calls of an aged connection get this long to finish")
     f.add("--max-stream-concurrency", int, d.max_stream_concurrency,
           "requests in progress at once on one ModelStreamInfer stream")
     f.add("--grace-s", float, d.grace_s, "drain time on SIGTERM")

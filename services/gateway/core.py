@@ -6,20 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from meshserve.cache import keys
 from meshserve.common.errors import (
+    ConfigError,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidInput,
+    MeshError,
     NotFound,
     Unavailable,
 )
+from meshserve.common.logs import clip
 from meshserve.common.repository import ModelConfig, ModelRepository, check_model_name
 from meshserve.common.validation import (
     InputTensor,
@@ -60,12 +62,12 @@ class InferOutcome:
     model: str = ""  # the model that served it (a fallback may be another model)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Entry:
-    config: ModelConfig
-    versions: list[str]
-    default_version: str
-    loaded_at: float
+    config: ModelConfig | None  # None: the config is broken (error says why)
+    on_disk: tuple[str, ...] = ()  # version folders holding the model file
+    versions: tuple[str, ...] = ()  # served: the version policy's choice of on_disk
+    error: MeshError | None = None
 
 
 @dataclass(slots=True)
@@ -91,43 +93,91 @@ def _cached(value: bytes, output_names: list[str], version: str, model: str
     return InferOutcome(version, [cached[n] for n in output_names], cache_hit=True, model=model)
 
 
-@dataclass
 class Catalog:
-    """Model configs and served versions, read from the repository and refreshed lazily
-    (after CATALOG_TTL_S, and on every load or unload), so a request never touches disk."""
+    """Every model's config and versions, read from the repository on construction, on
+    every load or unload, and in the background (a worker thread) once a request finds the
+    snapshot older than ttl_s: a request never touches the disk. A model with a broken
+    config stays listed with its error, which requests for it answer."""
 
-    repository: ModelRepository
-    default_overrides: dict[str, str] = field(default_factory=dict)
-    _entries: dict[str, _Entry] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, repository: ModelRepository, ttl_s: float = CATALOG_TTL_S):
+        self.repository = repository
+        self.ttl_s = ttl_s
+        self.default_overrides: dict[str, str] = {}
+        self._entries: dict[str, _Entry] = {}
+        self._read_at = 0.0
+        self._reading: asyncio.Future | None = None
+        self.reload()
 
-    def get(self, model: str) -> _Entry:
-        entry = self._entries.get(model)
-        if entry is None or time.monotonic() - entry.loaded_at > CATALOG_TTL_S:
-            entry = self.refresh(model)
-        return entry
-
-    def refresh(self, model: str) -> _Entry:
-        check_model_name(model)
+    def _read(self, model: str) -> _Entry:
         try:
             config = self.repository.config(model)
+            on_disk = self.repository.versions(model, config)
+        except ConfigError as e:
+            return _Entry(None, error=e)
+        served = config.version_policy.select(on_disk)
+        return _Entry(config, tuple(str(v) for v in on_disk), tuple(str(v) for v in served))
+
+    def reload(self) -> None:
+        """Reads every model (blocking: at start, or in a worker thread)."""
+        read_at = time.monotonic()
+        self._entries = {name: self._read(name) for name in self.repository.names()}
+        self._read_at = read_at
+
+    def refresh(self, model: str) -> None:
+        """Reads one model again (blocking: load and unload run it in a worker thread)."""
+        check_model_name(model)
+        try:
+            self._entries[model] = self._read(model)
         except NotFound:
             self._entries.pop(model, None)
-            raise NotFound(f"unknown model '{model}'") from None
-        versions = [str(v) for v in self.repository.served_versions(model)]
-        default = self.default_overrides.get(model) or (
-            config.default_version or (versions[-1] if versions else "")
-        )
-        entry = _Entry(config, versions, default, time.monotonic())
-        self._entries[model] = entry
+
+    async def reload_now(self) -> None:
+        await asyncio.to_thread(self.reload)
+
+    def _reload_in_background(self) -> None:
+        if self._reading is not None or time.monotonic() - self._read_at <= self.ttl_s:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._reading = loop.run_in_executor(None, self.reload)
+        self._reading.add_done_callback(self._read_done)
+
+    def _read_done(self, future: asyncio.Future) -> None:
+        self._reading = None
+        if not future.cancelled() and future.exception() is not None:
+            self._read_at = time.monotonic()  # retried after ttl_s, not on every request
+            log.warning("reading the model repository failed: %s", future.exception())
+
+    def known(self, model: str) -> bool:
+        return model in self._entries
+
+    def entries(self) -> dict[str, _Entry]:
+        return self._entries
+
+    def get(self, model: str) -> _Entry:
+        """The model's entry; NotFound for a model not in the repository, and the config's
+        error (FAILED_PRECONDITION, naming file and field) for a broken one."""
+        entry = self._entries.get(model)
+        self._reload_in_background()
+        if entry is None:
+            check_model_name(model)
+            raise NotFound(f"unknown model '{model}'")
+        if entry.error is not None:
+            raise entry.error
         return entry
+
+    def default_version(self, model: str, entry: _Entry) -> str:
+        return self.default_overrides.get(model) or entry.config.default_version or (
+            entry.versions[-1] if entry.versions else "")
 
     def resolve(self, model: str, version: str) -> tuple[ModelConfig, str]:
         entry = self.get(model)
         if not version:
-            if not entry.default_version:
+            version = self.default_version(model, entry)
+            if not version:
                 raise NotFound(f"model '{model}' has no version to serve")
-            version = entry.default_version
         if version not in entry.versions:
             served = ", ".join(entry.versions) or "none"
             raise NotFound(f"model '{model}' has no version '{version}' (served: {served})")
@@ -247,7 +297,15 @@ class Gateway:
     # ----------------------------------------------------------------- management
 
     def versions(self, model: str) -> list[str]:
-        return self.catalog.get(model).versions
+        return list(self.catalog.get(model).versions)
+
+    def metric_label(self, model: str) -> str:
+        """A metric label from a bounded set: a repository model or a routing policy's
+        name, else "_unknown" (a client must not mint series with names it makes up)."""
+        if self.catalog.known(model) or (
+                self.router is not None and model in self.router.policies):
+            return model
+        return "_unknown"
 
     async def states(self, model: str = "") -> list[batcher_pb2.ModelVersionState]:
         response = await self.batcher.model_states(model)
@@ -268,16 +326,17 @@ class Gateway:
         return True
 
     async def index(self, ready_only: bool) -> list[tuple[str, str, str, str]]:
-        """(model, version, state, reason) for every version of every model on disk."""
+        """(model, version, state, reason) for every version of every model on disk; a
+        model whose config is broken is one UNAVAILABLE row giving the reason."""
+        await self.catalog.reload_now()
         states = {(s.model, s.version): s for s in await self.states("")}
         rows = []
-        for name in self.repository.names():
-            try:
-                versions = [str(v) for v in self.repository.versions(name)]
-            except Exception as e:  # noqa: BLE001 - a broken config shows up in the index
-                rows.append((name, "", "UNAVAILABLE", str(e)))
+        for name, entry in sorted(self.catalog.entries().items()):
+            if entry.error is not None:
+                if not ready_only:
+                    rows.append((name, "", "UNAVAILABLE", str(entry.error)))
                 continue
-            for version in versions:
+            for version in entry.on_disk:
                 s = states.get((name, version))
                 state, reason = (s.state, s.reason) if s else ("UNAVAILABLE", "unloaded")
                 if not ready_only or state == "READY":
@@ -285,12 +344,23 @@ class Gateway:
         return rows
 
     async def load(self, model: str, versions: list[str], default_version: str | None) -> None:
+        """Loads from the repository as it is now (the catalog is read again first).
+        A broken config answers its error (file and field); a version folder without the
+        model file answers which file it needs and what it holds."""
         check_model_name(model)
-        entry = self.catalog.refresh(model)
-        unknown = [v for v in versions if v not in [str(x) for x in
-                                                     self.repository.versions(model)]]
-        if unknown:
-            raise NotFound(f"model '{model}' has no version(s) {', '.join(unknown)} on disk")
+        await asyncio.to_thread(self.catalog.refresh, model)
+        entry = self.catalog.get(model)
+        missing = [v for v in versions if v not in entry.on_disk]
+        if missing:
+            await asyncio.to_thread(self._refuse_missing, model, missing)
+        if not versions and not entry.versions:
+            if entry.on_disk:
+                raise FailedPrecondition(
+                    f"model '{model}': its version_policy selects none of the versions on "
+                    f"disk ({', '.join(entry.on_disk)})")
+            raise FailedPrecondition(
+                f"model '{model}' has no version to load: "
+                + await asyncio.to_thread(self.repository.missing_file, model, "", entry.config))
         if default_version is not None:
             wanted = versions or entry.versions
             if default_version not in wanted:
@@ -307,11 +377,21 @@ class Gateway:
             raise FailedPrecondition(f"failed to load model '{model}': {detail}")
         if default_version is not None:
             self.catalog.default_overrides[model] = default_version
-        self.catalog.refresh(model)
+
+    def _refuse_missing(self, model: str, versions: list[str]) -> None:
+        """Versions without the model file: FailedPrecondition naming the file expected
+        and the files found when the folder exists, else NotFound."""
+        folders = [v for v in versions if (self.repository.root / model / v).is_dir()]
+        if folders:
+            raise FailedPrecondition(f"model '{model}' cannot load version {folders[0]}: "
+                                     + self.repository.missing_file(model, folders[0]))
+        raise NotFound(f"model '{model}' has no version(s) {', '.join(versions)} on disk")
 
     async def unload(self, model: str) -> None:
         check_model_name(model)
-        self.catalog.refresh(model)
+        await asyncio.to_thread(self.catalog.refresh, model)
+        if not self.catalog.known(model):
+            raise NotFound(f"unknown model '{model}'")
         await self.batcher.unload_model(model, [])
         self.catalog.default_overrides.pop(model, None)
         await self._invalidate(model, [])
@@ -328,7 +408,7 @@ class Gateway:
             else:
                 await self.cache.invalidate(model)
         except Exception as e:  # noqa: BLE001 - generations still protect against staleness
-            log.warning("cache invalidation of %s failed: %s", model, e)
+            log.warning("cache invalidation of %s failed: %s", clip(model), clip(e))
 
     async def statistics(self, model: str, version: str) -> list[tuple]:
         if model:

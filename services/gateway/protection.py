@@ -2,9 +2,16 @@
 limit, applied by ONE server interceptor on the gateway's port.
 
 - Authentication: gRPC metadata `authorization: Bearer <key>`, looked up by its SHA-256 in
-  the keys file (common.auth.KeyStore): missing, malformed or unknown -> UNAUTHENTICATED.
-- Permission: the model comes from the request message, per method (MODEL_OF below; each
-  message of a ModelStreamInfer): a model the key may not use -> PERMISSION_DENIED.
+  the keys file (common.auth.KeyStore): missing, malformed or unknown -> UNAUTHENTICATED,
+  decided (with the method's scope below) from the metadata alone, before the request
+  message is read or parsed.
+- Permission: the method needs a scope of the key (SCOPE_OF below: "infer" for inference,
+  metadata and async tasks, "admin" for load/unload, routing, statistics and settings; a
+  method not listed needs "admin"), and the model comes from the request message, per method
+  (MODEL_OF below; each message of a ModelStreamInfer): a missing scope or a model the key
+  may not use -> PERMISSION_DENIED.
+- The caller's key is visible to the servicer through common.auth.CALLER (async tasks are
+  bound to the key that submitted them).
 - Inference (ModelInfer, each ModelStreamInfer message, AsyncInference Submit/SubmitBatch):
   the key's default priority when the request sets none; then a token from the key's and the
   model's buckets (common.ratelimit), refused with RESOURCE_EXHAUSTED and `retry-after-ms`
@@ -27,7 +34,7 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from meshserve.common.auth import ApiKey, KeyStore
+from meshserve.common.auth import ADMIN, CALLER, INFER, ApiKey, KeyStore
 from meshserve.common.ratelimit import Bucket, LocalLimiter, RateLimit, RedisLimiter
 from meshserve.pb.inference import grpc_service_pb2 as pb
 
@@ -56,6 +63,19 @@ MODEL_OF: dict[str, Callable[[object], list[str]]] = {
     ROUTING + "Promote": lambda r: [r.model],
     ROUTING + "Watch": lambda r: [r.model],
 }
+
+
+# The scope each method needs; any other method (settings, shared memory...) needs ADMIN.
+SCOPE_OF: dict[str, str] = {
+    **{INFERENCE + m: INFER for m in (
+        "ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata",
+        "ModelConfig", "ModelInfer", "ModelStreamInfer", "RepositoryIndex")},
+    **{ASYNC + m: INFER for m in ("Submit", "SubmitBatch", "Get", "Cancel", "Watch")},
+}
+
+
+def scope_of(method: str) -> str:
+    return SCOPE_OF.get(method, ADMIN)
 
 
 class ProtectionMetrics:
@@ -134,9 +154,15 @@ class Protection:
         self.metrics.auth_failures.labels(reason).inc()
         return Denied(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    def authorize(self, key: ApiKey | None, models: list[str]) -> Denied | None:
+    def authorize(self, key: ApiKey | None, models: list[str],
+                  scope: str = INFER) -> Denied | None:
         if key is None:
             return None
+        if not key.has(scope):
+            self.metrics.auth_failures.labels("missing_scope").inc()
+            return Denied(grpc.StatusCode.PERMISSION_DENIED,
+                          f"API key '{key.name}' lacks the '{scope}' scope "
+                          f"(it has: {', '.join(sorted(key.scopes))})")
         for model in models:
             if not key.allows(model):
                 self.metrics.auth_failures.labels("forbidden_model").inc()
@@ -213,8 +239,16 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
         self._handlers: dict[str, tuple[object, object]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        if self.protection.auth and not method.startswith(OPEN_PREFIXES):
+            # Authentication before the body: a caller without a valid key is refused from
+            # its metadata alone; its message is never read nor parsed.
+            p = self.protection
+            key = p.authenticate(handler_call_details.invocation_metadata)
+            denied = key if isinstance(key, Denied) else p.authorize(key, [], scope_of(method))
+            if denied is not None:
+                return _refusal(denied)
+        handler = await continuation(handler_call_details)
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
         cached = self._handlers.get(method)
@@ -240,7 +274,7 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
         if not p.auth:
             return handler  # management calls: nothing to check without keys
         model_of = MODEL_OF.get(method)
-        return _any(handler, self._authenticated(handler, model_of))
+        return _any(handler, self._authenticated(handler, model_of, scope_of(method)))
 
     def _infer(self, inner):
         p = self.protection
@@ -249,6 +283,7 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
             key = p.authenticate(context.invocation_metadata())
             if isinstance(key, Denied):
                 return await abort(context, key)
+            CALLER.set(key)
             denied = p.acquire()
             if denied is not None:
                 return await abort(context, denied)
@@ -270,6 +305,7 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
             key = p.authenticate(context.invocation_metadata())
             if isinstance(key, Denied):
                 return await abort(context, key)
+            CALLER.set(key)
             denied = await p.admit(key, requests(request))
             if denied is not None:
                 return await abort(context, denied)
@@ -288,6 +324,7 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
             if isinstance(key, Denied):
                 await abort(context, key)
                 return
+            CALLER.set(key)
             out: asyncio.Queue = asyncio.Queue()
             pending = 0  # admitted, not answered yet
 
@@ -330,8 +367,9 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
 
         return stream
 
-    def _authenticated(self, handler, model_of):
-        """Any other call: a valid key, and permission for the models it names."""
+    def _authenticated(self, handler, model_of, scope: str):
+        """Any other call: a valid key with the method's scope, and permission for the
+        models it names."""
         p = self.protection
         inner = _behavior(handler)
         streaming = handler.response_streaming
@@ -340,10 +378,12 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
             key = p.authenticate(context.invocation_metadata())
             if isinstance(key, Denied):
                 await abort(context, key)
-            if model_of is not None and not handler.request_streaming:
-                denied = p.authorize(key, model_of(request))
-                if denied is not None:
-                    await abort(context, denied)
+            models = model_of(request) if model_of is not None \
+                and not handler.request_streaming else []
+            denied = p.authorize(key, models, scope)
+            if denied is not None:
+                await abort(context, denied)
+            CALLER.set(key)
             return True
 
         if streaming:
@@ -357,6 +397,17 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
             await check(request, context)
             return await inner(request, context)
         return unary
+
+
+def _refusal(denied: Denied):
+    """A handler that answers `denied` without reading the request: a request-streaming
+    handler is never handed a message it does not ask for (the wire is the same for every
+    kind of call, so it answers a unary call as well)."""
+
+    async def refuse(_request_iterator, context):
+        await abort(context, denied)
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 def _behavior(handler):

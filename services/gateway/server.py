@@ -54,6 +54,7 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
         f"{settings.host}:{settings.port}", SERVICES, settings.max_message_mb * MiB,
         reuse_port=settings.reuse_port, transport=transport,
         interceptors=[protection.ProtectionInterceptor(p)] if intercept else [],
+        limits=settings.connection_limits(),
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(gateway, GatewayMetrics(registry), settings.max_stream_concurrency,

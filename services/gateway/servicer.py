@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from meshserve import __version__
 from meshserve.common import errors, tracing
-from meshserve.common.grpcutil import STATUS_OF, grpc_errors
+from meshserve.common.grpcutil import grpc_errors, status_of
 from meshserve.gateway import convert, protection
 from meshserve.gateway.core import Gateway, InferCall, InferOutcome
 from meshserve.pb.inference import grpc_service_pb2 as pb
@@ -54,9 +54,20 @@ def _int_param(params: dict, key: str) -> int:
     return value
 
 
+# Triton's sequence batcher (stateful models) correlates requests by these parameters.
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+
+
 def to_call(request: pb.ModelInferRequest, time_remaining: float | None,
             route_key: str = "") -> InferCall:
+    """Honoured parameters: priority, timeout, cache; sequence_* are refused; any other
+    parameter is ignored (Triton hands them to the backend; our models take none)."""
     params = convert.params(request.parameters)
+    for key in SEQUENCE_PARAMETERS:
+        if key in params:
+            raise errors.InvalidInput(
+                f"request parameter '{key}': sequence batching is not supported "
+                "(meshserve serves stateless models; send each request on its own)")
     priority = _int_param(params, "priority")
     timeout_us = _int_param(params, "timeout")
     if timeout_us < 0:
@@ -151,7 +162,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 response.parameters["cache_hit"].bool_param)
             return response
         except errors.MeshError as e:
-            code, detail = STATUS_OF.get(type(e), grpc.StatusCode.INTERNAL).name, str(e)
+            code, detail = status_of(e).name, str(e)
             raise
         except asyncio.CancelledError:
             code = "CANCELLED"
@@ -167,7 +178,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                     "ModelInfer %s version %r: %s in %.2f ms: %s",
                                     request.model_name, request.model_version, code,
                                     (time.perf_counter() - started) * 1e3, detail, error=True)
-            self._observe(request.model_name if code != "NOT_FOUND" else "_unknown", code,
+            self._observe(self.gateway.metric_label(request.model_name), code,
                           time.perf_counter() - started)
 
     @grpc_errors

@@ -28,6 +28,7 @@ from meshserve.common.errors import (
     Overloaded,
     Unavailable,
 )
+from meshserve.common.logs import clip
 from meshserve.common.repository import RoutingConfig
 from meshserve.common.tensors import to_numpy
 from meshserve.gateway.core import Gateway, InferCall, InferOutcome
@@ -183,7 +184,7 @@ class Router:
             elif before is None or before.alias != policy.alias:
                 self._aliases[model] = AliasState(policy.alias, self.clock)
         if before != policy:
-            log.info("routing of %s: %s", model, policy or "none")
+            log.info("routing of %s: %s", clip(model), clip(policy or "none", 1000))
             for q in list(self._watchers):
                 q.put_nowait((model, policy))
 
@@ -271,7 +272,7 @@ class Router:
                 error = e
                 if last:
                     raise
-                log.debug("%s answered %s; falling back", target, e)
+                log.debug("%s answered %s; falling back", clip(target), clip(e))
         raise error or DeadlineExceeded("no time left to fall back")
 
     def _queue_us(self, target: Target) -> float:
@@ -317,7 +318,7 @@ class Router:
         target = state.target(queue_us, latency_us)
         if target != before:
             log.info("alias %s: %s -> %s (queue %.0fus, latency %.0fus)",
-                     policy.model, before, target, queue_us, latency_us)
+                     clip(policy.model), clip(before), clip(target), queue_us, latency_us)
             self.metrics.alias_switches.labels(policy.model, str(target)).inc()
         sub = replace(call, model=target.model, version=target.version or call.version)
         try:
@@ -347,7 +348,7 @@ class Router:
                 outcome = await self._timed(self.gateway.infer_direct(sub), call.model, version,
                                             "shadow")
             except MeshError as e:
-                log.debug("shadow %s:%s failed: %s", call.model, version, e)
+                log.debug("shadow %s:%s failed: %s", clip(call.model), clip(version), clip(e))
                 return
             if primary is None:
                 return
@@ -361,7 +362,7 @@ class Router:
                 self.metrics.shadow_agreement.labels(
                     call.model, version, "agree" if agree else "disagree").inc()
         except Exception:  # noqa: BLE001 - a shadow never disturbs anything
-            log.exception("shadow request to %s:%s failed", call.model, version)
+            log.exception("shadow request to %s:%s failed", clip(call.model), clip(version))
         finally:
             self._gate.leave()
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from meshserve.common import logs
 from meshserve.model_worker.config import from_args
 from meshserve.model_worker.server import serve
@@ -12,7 +10,7 @@ from meshserve.model_worker.server import serve
 def main(argv: list[str] | None = None) -> None:
     settings = from_args(argv)
     logs.setup(settings.log_level)
-    asyncio.run(serve(settings))
+    logs.run(serve(settings), "worker")
 
 
 if __name__ == "__main__":

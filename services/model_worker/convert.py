@@ -44,7 +44,9 @@ def model_to_pb(m: ModelInfo) -> worker_pb2.LoadedModel:
     return worker_pb2.LoadedModel(
         model=m.model, version=m.version, state=m.state, byte_size=m.byte_size,
         warmup=[worker_pb2.BucketWarmup(batch_size=b, warmup_ns=ns) for b, ns in m.warmup],
-        cuda_graphs=m.cuda_graphs, load_ns=m.load_ns,
+        cuda_graphs=m.cuda_graphs, load_ns=m.load_ns, format=m.format, precision=m.precision,
+        compile_mode=m.compile_mode, compiled=m.compiled, compile_ns=m.compile_ns,
+        compile_error=m.compile_error,
     )
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from meshserve.common.errors import InvalidInput
 from meshserve.common.repository import ModelConfig
+from meshserve.model_worker.formats import AOTIModule, read_aot_inductor, read_torch_export
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,8 @@ Forward = Callable[..., tuple[torch.Tensor, ...]]
 
 
 def load_network(config: ModelConfig, path: Path, device: torch.device) -> nn.Module:
-    """The network of `config.format` from `path`, on `device`, in eval mode."""
+    """The network of `config.format` from `path`, on `device`, in eval mode
+    (an AOTIModule for aot_inductor: a compiled package, no nn.Module)."""
     if config.format == "torchscript":
         try:
             module = torch.jit.load(str(path), map_location=device)
@@ -27,6 +29,10 @@ def load_network(config: ModelConfig, path: Path, device: torch.device) -> nn.Mo
             raise InvalidInput(f"{path}: not a loadable TorchScript file: {e}") from None
     elif config.format == "mlp_checkpoint":
         module = build_mlp(read_checkpoint(path), path).to(device)
+    elif config.format == "torch_export":
+        return read_torch_export(path, device)  # exported in eval mode, no eval() to call
+    elif config.format == "aot_inductor":
+        return read_aot_inductor(path, device)
     else:  # parse_config already refuses other formats
         raise InvalidInput(f"{path}: unsupported model format {config.format!r}")
     return module.eval()
@@ -109,7 +115,9 @@ def output_mapper(config: ModelConfig, module: nn.Module) -> Forward:
     return forward
 
 
-def module_bytes(module: nn.Module) -> int:
-    """Bytes of parameters and buffers."""
+def module_bytes(module: nn.Module | AOTIModule) -> int:
+    """Bytes of parameters and buffers (an AOTInductor package: its file's size)."""
+    if isinstance(module, AOTIModule):
+        return module.byte_size
     tensors = [*module.parameters(), *module.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -23,8 +23,21 @@ from pathlib import Path
 import torch
 
 from meshserve.common.datatypes import datatype, from_torch
-from meshserve.common.errors import ConfigError, InvalidInput, NotFound, Overloaded
+from meshserve.common.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidInput,
+    MeshError,
+    NotFound,
+    Overloaded,
+)
 from meshserve.common.repository import ModelConfig, ModelRepository
+from meshserve.model_worker.compiling import (
+    cast_network,
+    compile_network,
+    compiler_message,
+    with_precision,
+)
 from meshserve.model_worker.cuda_graphs import BucketRunner, InputSpec, zero_inputs
 from meshserve.model_worker.loader import Forward, load_network, module_bytes, output_mapper
 from meshserve.model_worker.metrics import WorkerMetrics
@@ -44,6 +57,12 @@ class ModelInfo:
     warmup: tuple[tuple[int, int], ...] = ()  # (batch size, ns) per bucket
     cuda_graphs: bool = False
     load_ns: int = 0
+    format: str = ""
+    precision: str = ""
+    compile_mode: str = ""  # "" when the config asks for no torch.compile
+    compiled: bool = False  # false with compile_mode set: fell back to eager
+    compile_ns: int = 0  # compiling and warming every bucket
+    compile_error: str = ""  # the compiler's message when it fell back
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +76,13 @@ class LoadedModel:
     warmup: tuple[tuple[int, int], ...]
     cuda_graphs: bool
     load_ns: int
+    compiled: bool = False
+    compile_ns: int = 0
+    compile_error: str = ""
 
 
 def _check_outputs(config: ModelConfig, forward: Forward, specs, device: torch.device) -> None:
-    """One eager run on zeros: the network must return the declared dtypes and dims."""
+    """One run on zeros: the network must return the declared dtypes and dims."""
     batched = config.max_batch_size > 0
     inputs = zero_inputs(specs, 1, device)
     if not batched:
@@ -77,34 +99,89 @@ def _check_outputs(config: ModelConfig, forward: Forward, specs, device: torch.d
             )
 
 
+def _probe(config: ModelConfig, forward: Forward, specs, dev: torch.device, where: str) -> None:
+    """_check_outputs, with a forward that raises reported as the model's load error."""
+    try:
+        _check_outputs(config, forward, specs, dev)
+    except MeshError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the model's own forward failed
+        if config.precision != "fp32":
+            raise FailedPrecondition(
+                f"{where}: does not run in precision {config.precision} on {dev.type}: "
+                f"{compiler_message(e)}"
+                + (" (use bf16 or fp32 on cpu)" if config.precision == "fp16"
+                   and dev.type == "cpu" else "")
+            ) from None
+        raise InvalidInput(f"{where}: the model fails on zero inputs: "
+                           f"{compiler_message(e)}") from None
+
+
 def load_model(
     config: ModelConfig, path: Path, version: str, device: str, cuda_graphs: bool
 ) -> LoadedModel:
-    """Loads and warms one version (blocking: run it in a thread)."""
+    """Loads, casts, compiles and warms one version (blocking: run it in a thread)."""
     start = time.perf_counter_ns()
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    module = load_network(config, path, dev)
-    forward = output_mapper(config, module)
+    label = f"model '{config.name}' version {version}"
+    try:
+        module = cast_network(load_network(config, path, dev), config.precision)
+    except MeshError as e:
+        raise type(e)(f"{label}: {e}") from None
+    eager = with_precision(config, output_mapper(config, module))
     specs = [InputSpec(s.name, datatype(s.datatype).torch, s.dims) for s in config.inputs]
-    _check_outputs(config, forward, specs, dev)
+    _probe(config, eager, specs, dev, f"{label} ({path})")
     batched = config.max_batch_size > 0
-    use_graphs = cuda and cuda_graphs and config.cuda_graphs and batched
+    c = config.compile
+
+    def runner_for(forward: Forward, compiled: bool) -> BucketRunner:
+        # torch.compile's modes that capture CUDA graphs win over the worker's own.
+        graphs = (cuda and cuda_graphs and config.cuda_graphs and batched
+                  and not (compiled and c.captures_cuda_graphs))
+        # Compiled models always run padded to a bucket: no new shape while serving.
+        return BucketRunner(forward, specs, config.buckets() if batched else (), dev,
+                            static_buffers=graphs or compiled, use_graphs=graphs)
+
+    def warm(runner: BucketRunner, compiled: bool) -> list[tuple[int, int]]:
+        if batched and (config.warmup.enabled or runner.use_graphs or compiled):
+            return runner.warmup()
+        if compiled:  # unbatched: compile its one shape now
+            _check_outputs(config, runner.forward, specs, dev)
+        return []
+
     if cuda:
         torch.cuda.synchronize(dev)
     base = torch.cuda.memory_allocated(dev) if cuda else 0
-    runner = BucketRunner(
-        forward, specs, config.buckets() if batched else (), dev,
-        static_buffers=use_graphs, use_graphs=use_graphs,
-    )
-    warmup: list[tuple[int, int]] = []
-    if batched and (config.warmup.enabled or runner.use_graphs):
-        warmup = runner.warmup()
+    compiled, compile_ns, compile_error = False, 0, ""
+    if c is not None:
+        t0 = time.perf_counter_ns()
+        try:
+            runner = runner_for(
+                with_precision(config, output_mapper(config, compile_network(module, c))), True)
+            warmup = warm(runner, True)
+            compiled = True
+        except Exception as e:  # noqa: BLE001 - any compiler error fails or falls back
+            message = compiler_message(e)
+            if not c.fallback:
+                raise InvalidInput(f"{label} ({path}): torch.compile (mode {c.mode}) "
+                                   f"failed: {message}") from None
+            log.warning("%s: torch.compile failed, serving eager (fallback): %s", label,
+                        message)
+            compile_error = message
+        compile_ns = time.perf_counter_ns() - t0
+        if compiled:
+            log.info("%s: compiled (mode %s, dynamic %s) and warmed %d buckets in %.1f s",
+                     label, c.mode, c.dynamic, len(warmup), compile_ns / 1e9)
+    if not compiled:
+        runner = runner_for(eager, False)
+        warmup = warm(runner, False)
     extra = max(0, torch.cuda.memory_allocated(dev) - base) if cuda else 0
     return LoadedModel(
         config=config, version=version, runner=runner,
         byte_size=module_bytes(module) + extra, warmup=tuple(warmup),
         cuda_graphs=runner.use_graphs, load_ns=time.perf_counter_ns() - start,
+        compiled=compiled, compile_ns=compile_ns, compile_error=compile_error,
     )
 
 
@@ -129,8 +206,12 @@ class _Entry:
         m = self.model
         if m is None:
             return ModelInfo(self.name, self.version, LOADING, self.byte_size)
-        return ModelInfo(self.name, self.version, READY, self.byte_size, m.warmup,
-                         m.cuda_graphs, m.load_ns)
+        c = m.config
+        return ModelInfo(
+            self.name, self.version, READY, self.byte_size, m.warmup, m.cuda_graphs, m.load_ns,
+            format=c.format, precision=c.precision, compile_mode=c.compile.mode if c.compile
+            else "", compiled=m.compiled, compile_ns=m.compile_ns, compile_error=m.compile_error,
+        )
 
 
 def normalize_version(name: str, version: str) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from meshserve.common.errors import Internal, MeshError, NotFound
+from meshserve.common.errors import ConfigError, Internal, MeshError, NotFound
 from meshserve.common.grpcutil import code_value
 from meshserve.common.repository import ModelRepository
 from meshserve.model_worker.execution import BatchOutcome, BatchRequest, run_batch
@@ -120,7 +120,7 @@ class Worker:
 
     def startup_versions(self, entries: Sequence[str]) -> list[tuple[str, str]]:
         """--load entries as (name, version): 'all', 'name' (its policy's versions),
-        'name:version'."""
+        'name:version'. With 'all', a model whose config is broken is skipped (logged)."""
         result: list[tuple[str, str]] = []
         for entry in entries:
             name, _, version = entry.partition(":")
@@ -129,7 +129,13 @@ class Worker:
                 if version:
                     result.append((n, version))
                     continue
-                served = self.repository.served_versions(n)
+                try:
+                    served = self.repository.served_versions(n)
+                except ConfigError as e:
+                    if entry != "all":
+                        raise
+                    log.error("model %s not loaded: %s", n, e)
+                    continue
                 if not served:
                     raise NotFound(f"model '{n}' has no version to load")
                 result.extend((n, str(v)) for v in served)

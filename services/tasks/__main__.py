@@ -1,7 +1,5 @@
 """python -m meshserve.tasks (`meshserve async-runner`): runs async inference tasks."""
 
-import asyncio
-
 from meshserve.common import logs
 from meshserve.tasks.config import from_args
 from meshserve.tasks.server import serve
@@ -10,7 +8,7 @@ from meshserve.tasks.server import serve
 def main(argv: list[str] | None = None) -> None:
     settings = from_args(argv)
     logs.setup(settings.log_level)
-    asyncio.run(serve(settings))
+    logs.run(serve(settings), "async-runner")
 
 
 if __name__ == "__main__":

@@ -21,10 +21,11 @@ class GatewayPath:
         message = pb.ModelInferRequest.FromString(request)
         return (await infer_message(self.gateway, message, timeout_s)).SerializeToString()
 
-    def new_task(self, request: pb.ModelInferRequest, idempotency_key: str) -> NewTask:
+    def new_task(self, request: pb.ModelInferRequest, idempotency_key: str,
+                 owner: str = "") -> NewTask:
         """Validates what can be checked without running (unknown model: NOT_FOUND, bad
         inputs or parameters: INVALID_ARGUMENT), so that a bad task fails at submit."""
         call = to_call(request, None)
         # An alias is checked against its current target.
         self.gateway.check(replace(call, model=self.gateway.target_name(call.model)))
-        return NewTask(request.SerializeToString(), idempotency_key, call.timeout_s)
+        return NewTask(request.SerializeToString(), idempotency_key, call.timeout_s, owner)

@@ -4,7 +4,8 @@ Redis layout (prefix P, default "meshserve:tasks"):
   P:queue          stream of task ids; consumer group "runners". An entry is removed (XACK +
                    XDEL) once its task is done, so XLEN is the tasks waiting or running.
   P:task:<id>      hash: state, request (serialized protobuf, dropped when done), times,
-                   error, runs (starts), finishes (completions: 1 at most). TTL.
+                   error, owner (the submitting key's hash), runs (starts), finishes
+                   (completions: 1 at most). TTL.
   P:result:<id>    the serialized ModelInferResponse, TTL result_ttl_s.
   P:idem:<key>     idempotency key -> task id (SET NX), as long-lived as the task.
   P:dead           dead-letter stream: tasks given up after max_deliveries.
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 GROUP = "runners"
 DEAD_LETTER_MAXLEN = 10_000
 _VIEW_FIELDS = ("state", "submitted_ms", "deadline_ms", "finished_ms", "expires_ms",
-                "error_code", "error_message")
+                "error_code", "error_message", "owner")
 
 
 def consumer_name(index: int) -> str:
@@ -138,12 +139,12 @@ end
 """
 
 # KEYS: stream, then (task, idem) per task. ARGV: max_queue, now, n, result_ttl, then
-# (task_id, has_idem, deadline, request) per task. -> {1, ids...} or {0, queue length}
+# (task_id, has_idem, deadline, request, owner) per task. -> {1, ids...} or {0, queue length}
 _SUBMIT = _LUA_PRELUDE + """
 local maxq, now, n, rttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local fresh = 0
 for i = 1, n do
-  if ARGV[4 + (i - 1) * 4 + 2] == '0' or redis.call('EXISTS', KEYS[2 * i + 1]) == 0 then
+  if ARGV[4 + (i - 1) * 5 + 2] == '0' or redis.call('EXISTS', KEYS[2 * i + 1]) == 0 then
     fresh = fresh + 1
   end
 end
@@ -151,7 +152,7 @@ local len = redis.call('XLEN', KEYS[1])
 if fresh > 0 and len + fresh > maxq then return {0, len} end
 local out = {1}
 for i = 1, n do
-  local b = 4 + (i - 1) * 4
+  local b = 4 + (i - 1) * 5
   local tid, deadline = ARGV[b + 1], tonumber(ARGV[b + 3])
   local keep = fmt(deadline - now + 2 * rttl)
   local existing = false
@@ -163,7 +164,8 @@ for i = 1, n do
   else
     local entry = redis.call('XADD', KEYS[1], '*', 't', tid)
     redis.call('HSET', KEYS[2 * i], 'state', 1, 'request', ARGV[b + 4], 'submitted_ms', ARGV[2],
-               'deadline_ms', ARGV[b + 3], 'entry', entry, 'runs', 0, 'finishes', 0)
+               'deadline_ms', ARGV[b + 3], 'entry', entry, 'runs', 0, 'finishes', 0,
+               'owner', ARGV[b + 5])
     redis.call('PEXPIRE', KEYS[2 * i], keep)
     out[i + 1] = tid
   end
@@ -314,7 +316,7 @@ class RedisQueue:
             tid = new_task_id()
             keys += [self.task_key(tid), self.idem_key(t.idempotency_key or tid)]
             args += [tid, "1" if t.idempotency_key else "0",
-                     deadline_ms(now, self.settings, t.timeout_s), t.request]
+                     deadline_ms(now, self.settings, t.timeout_s), t.request, t.owner]
         out = await self._call(self._submit, keys, args)
         if out[0] == 0:
             raise Overloaded(full_message(int(out[1]), len(tasks), self.settings.max_queue))
@@ -520,7 +522,7 @@ class MemoryQueue:
             entry = f"{now}-{self._seq}"
             self.tasks[tid] = _MemTask(
                 {"state": str(int(State.PENDING)), "submitted_ms": str(now),
-                 "deadline_ms": str(deadline)}, t.request, entry)
+                 "deadline_ms": str(deadline), "owner": t.owner}, t.request, entry)
             self._keep_until(tid, deadline + 2 * rttl)
             if t.idempotency_key:
                 self._idem[t.idempotency_key] = tid

@@ -68,6 +68,7 @@ class NewTask:
     request: bytes  # a serialized inference.ModelInferRequest
     idempotency_key: str = ""
     timeout_s: float | None = None  # the request's own `timeout`, counted from submission
+    owner: str = ""  # who submitted it (the API key's hash; "" without auth): only it sees it
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,7 @@ class TaskView:
     error_message: str = ""
     submitted_ms: int = 0
     finished_ms: int = 0
+    owner: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +128,12 @@ def view_at(task_id: str, fields: dict[str, str], response: bytes | None, at_ms:
     finished = int(fields.get("finished_ms") or 0)
     code = int(fields.get("error_code") or 0)
     message = fields.get("error_message") or ""
+    owner = fields.get("owner") or ""
     if state == State.PENDING and at_ms >= int(fields.get("deadline_ms") or 0):
         return TaskView(task_id, State.EXPIRED, b"", CODE_DEADLINE_EXCEEDED,
-                        "the task waited past its deadline", submitted, finished)
+                        "the task waited past its deadline", submitted, finished, owner)
     if state.done and (at_ms >= int(fields.get("expires_ms") or 0)
                        or (state == State.SUCCEEDED and response is None)):
         return TaskView(task_id, State.EXPIRED, b"", code,
-                        "the task's result expired", submitted, finished)
-    return TaskView(task_id, state, response or b"", code, message, submitted, finished)
+                        "the task's result expired", submitted, finished, owner)
+    return TaskView(task_id, state, response or b"", code, message, submitted, finished, owner)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from meshserve.common import errors
+from meshserve.common.auth import owner
 from meshserve.common.grpcutil import grpc_errors
 from meshserve.pb.inference import grpc_service_pb2 as pb
 from meshserve.pb.meshserve.v1 import async_inference_pb2 as apb
@@ -30,7 +31,7 @@ class AsyncInferenceServicer(apb_grpc.AsyncInferenceServicer):
 
     @grpc_errors
     async def Submit(self, request, context):
-        task = self.path.new_task(request.request, request.idempotency_key)
+        task = self.path.new_task(request.request, request.idempotency_key, owner())
         [task_id] = await self.tasks.submit([task])
         return apb.SubmitResponse(task_id=task_id)
 
@@ -39,20 +40,20 @@ class AsyncInferenceServicer(apb_grpc.AsyncInferenceServicer):
         tasks = []
         for i, r in enumerate(request.requests):
             try:
-                tasks.append(self.path.new_task(r.request, r.idempotency_key))
+                tasks.append(self.path.new_task(r.request, r.idempotency_key, owner()))
             except errors.MeshError as e:
                 raise type(e)(f"requests[{i}]: {e}") from None
         return apb.SubmitBatchResponse(task_ids=await self.tasks.submit(tasks))
 
     @grpc_errors
     async def Get(self, request, context):
-        return to_task(await self.tasks.get(request.task_id))
+        return to_task(await self.tasks.get(request.task_id, owner()))
 
     @grpc_errors
     async def Cancel(self, request, context):
-        return to_task(await self.tasks.cancel(request.task_id))
+        return to_task(await self.tasks.cancel(request.task_id, owner()))
 
     @grpc_errors
     async def Watch(self, request, context):
-        async for view in self.tasks.watch(request.task_id):
+        async for view in self.tasks.watch(request.task_id, owner()):
             yield to_task(view)

@@ -8,7 +8,7 @@ from tests.conftest import MODELS, RedisServer, ServiceProcess
 
 
 class Mesh:
-    def __init__(self, tmp, workers: int = 1):
+    def __init__(self, tmp, workers: int = 1, models=MODELS, load: str = "digits"):
         self.tmp = tmp
         self.redis = RedisServer(tmp)
         self.redis.start()
@@ -16,19 +16,19 @@ class Mesh:
         self.cache = ServiceProcess("cache", [*internal, "--redis-url", self.redis.url], tmp)
         self.workers = [
             ServiceProcess("model_worker", [*internal, "--device", "cpu",
-                                            "--model-repository", str(MODELS)], tmp)
+                                            "--model-repository", str(models)], tmp)
             for _ in range(workers)
         ]
         self.cache.wait_ready()
         for w in self.workers:
             w.wait_ready()
         self.batcher = ServiceProcess("batcher", [
-            *internal, "--model-repository", str(MODELS), "--load", "digits",
+            *internal, "--model-repository", str(models), "--load", load,
             "--workers", ",".join(w.address for w in self.workers)], tmp)
         self.batcher.wait_ready()
         self.gateway = ServiceProcess("gateway", [
             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-            "--model-repository", str(MODELS), "--batcher", self.batcher.address,
+            "--model-repository", str(models), "--batcher", self.batcher.address,
             "--cache", self.cache.address], tmp)
         self.gateway.wait_ready()
 

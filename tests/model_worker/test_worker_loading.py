@@ -145,7 +145,8 @@ def test_static_buffer_runner_equals_the_direct_call_and_reuses_buffers(models_d
         (out,), executed = runner.run([x])
         assert executed == bucket and out.shape == (rows, 10)
         with torch.inference_mode():
-            assert torch.equal(out, net(x))
+            # Padded to its bucket the GEMM may block differently: equal up to float sums.
+            torch.testing.assert_close(out, net(x), rtol=0, atol=1e-5)
         static = runner.static_inputs(bucket)[0]
         assert [t.data_ptr() for t in runner.static_inputs(bucket)] == before
         assert torch.equal(static[:rows], x)

@@ -31,6 +31,8 @@ def test_lookup_by_hash_and_permissions(tmp_path):
     assert a.allows("digits") and not a.allows("other") and not a.allows("")
     b = keys.lookup("secret-b")
     assert b.allows("anything") and b.allows("") and b.limit is None
+    # written before scopes existed: both, as before
+    assert a.scopes == b.scopes == {"infer", "admin"} and a.has("admin")
     assert keys.lookup("secret-c") is None
     assert "secret-a" not in json.dumps([e.sha256 for e in keys.by_hash.values()])
 
@@ -46,6 +48,9 @@ def test_lookup_by_hash_and_permissions(tmp_path):
     ({"keys": [entry("a", "x"), entry("a", "y")]}, r"keys\[1\]\.name: duplicate"),
     ({"keys": [entry("a", "x"), entry("b", "x")]}, r"keys\[1\]\.sha256: the same key"),
     ({"keys": [{**entry(), "colour": 1}]}, r"keys\[0\]: unknown field"),
+    ({"keys": [{**entry(), "scopes": []}]}, r"keys\[0\]\.scopes"),
+    ({"keys": [{**entry(), "scopes": ["root"]}]}, r"keys\[0\]\.scopes"),
+    ({"keys": [{**entry(), "scopes": "infer"}]}, r"keys\[0\]\.scopes"),
     ({"users": []}, r"keys: expected"),
 ])
 def test_invalid_files_name_the_file_and_field(data, field):
@@ -110,15 +115,21 @@ def test_keys_cli_prints_the_key_once_and_stores_its_hash(tmp_path, capsys):
     found = auth.load_keys(path).lookup(key)
     assert found.name == "team-a" and found.models == {"digits", "other"}
     assert found.priority == 2 and found.limit == RateLimit(5.0, 5.0)
+    assert found.scopes == {"infer"}  # least privilege unless asked
 
-    assert auth.keys_main(["add", "team-b", "--models", "*", "--file", str(path)]) == 0
+    assert auth.keys_main(["add", "team-b", "--models", "*", "--scopes", "infer,admin",
+                           "--file", str(path)]) == 0
     second = capsys.readouterr().out.strip()
     assert second != key and auth.load_keys(path).lookup(second).allows("x")
+    assert auth.load_keys(path).lookup(second).scopes == {"infer", "admin"}
+    assert auth.keys_main(["add", "team-c", "--models", "*", "--scopes", "root",
+                           "--file", str(path)]) == 1
+    assert "scopes" in capsys.readouterr().err
     assert auth.keys_main(["add", "team-a", "--models", "x", "--file", str(path)]) == 1
     assert "duplicate name" in capsys.readouterr().err
 
     assert auth.keys_main(["list", "--file", str(path)]) == 0
     listed = capsys.readouterr().out
-    assert "team-a: models=digits,other priority=2" in listed and key not in listed
+    assert "team-a: models=digits,other scopes=infer priority=2" in listed and key not in listed
     assert auth.keys_main(["remove", "team-a", "--file", str(path)]) == 0
     assert auth.load_keys(path).lookup(key) is None

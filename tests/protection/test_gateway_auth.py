@@ -21,12 +21,14 @@ FULL = {"name": "ops", "key": "key-ops", "models": ["*"]}
 DIGITS = {"name": "team-digits", "key": "key-digits", "models": ["digits"]}
 # priority 5 is out of range for digits (2 levels): shows that the default applies
 PRIO = {"name": "team-prio", "key": "key-prio", "models": ["digits"], "priority": 5}
+INFER_ONLY = {"name": "app", "key": "key-app", "models": ["*"], "scopes": ["infer"]}
+ADMIN_ONLY = {"name": "admin", "key": "key-admin", "models": ["*"], "scopes": ["admin"]}
 
 
 @pytest.fixture
 def gateway(start_gateway, tmp_path):
     keys = tmp_path / "keys.json"
-    write_keys(keys, FULL, DIGITS, PRIO)
+    write_keys(keys, FULL, DIGITS, PRIO, INFER_ONLY, ADMIN_ONLY)
     g = start_gateway("--api-keys-file", str(keys))
     g.keys_path = keys
     return g
@@ -173,7 +175,7 @@ def test_tritonclient_sends_the_key_as_headers(gateway):
 def test_keys_reload_on_change_and_a_broken_file_keeps_them(gateway):
     a = gateway.address
     new = {"name": "newcomer", "key": "key-new", "models": ["digits"]}
-    write_keys(gateway.keys_path, FULL, DIGITS, PRIO, new)
+    write_keys(gateway.keys_path, FULL, DIGITS, PRIO, INFER_ONLY, ADMIN_ONLY, new)
     deadline = time.monotonic() + 15
     while code_of(a, "ModelInfer", infer_request(), bearer("key-new")) != grpc.StatusCode.OK:
         assert time.monotonic() < deadline, "the new key was never accepted"
@@ -181,4 +183,64 @@ def test_keys_reload_on_change_and_a_broken_file_keeps_them(gateway):
     gateway.keys_path.write_text('{"keys": [{"name": "broken"}]}')
     time.sleep(2.5)  # past the once-a-second check: the broken file was read and refused
     assert code_of(a, "ModelInfer", infer_request(), bearer("key-new")) == grpc.StatusCode.OK
-    assert "reload failed, keeping the previous 4 key(s)" in gateway.output()
+    assert "reload failed, keeping the previous 6 key(s)" in gateway.output()
+
+
+def test_scopes_infer_and_admin(gateway):
+    """infer: inference and metadata, never control; admin: control and statistics, never
+    inference; a key written without scopes (FULL) keeps both."""
+    a = gateway.address
+    unload = pb.RepositoryModelUnloadRequest(model_name="digits")
+    stats = pb.ModelStatisticsRequest(name="digits")
+    assert code_of(a, "ModelInfer", infer_request(), bearer("key-app")) == grpc.StatusCode.OK
+    assert code_of(a, "ModelMetadata", pb.ModelMetadataRequest(name="digits"),
+                   bearer("key-app")) == grpc.StatusCode.OK
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        run(call(a, "RepositoryModelUnload", unload, bearer("key-app")))
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "'app' lacks the 'admin' scope" in e.value.details()
+    for method, request in (("RepositoryModelLoad", pb.RepositoryModelLoadRequest(
+            model_name="digits")), ("ModelStatistics", stats),
+            ("LogSettings", pb.LogSettingsRequest())):
+        assert code_of(a, method, request, bearer("key-app")) == grpc.StatusCode.PERMISSION_DENIED
+    assert code_of(a, "ModelStatistics", stats, bearer("key-admin")) == grpc.StatusCode.OK
+    assert code_of(a, "ModelStatistics", stats, bearer("key-ops")) == grpc.StatusCode.OK
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        run(call(a, "ModelInfer", infer_request(), bearer("key-admin")))
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "lacks the 'infer' scope" in e.value.details()
+
+    async def routing():
+        async with AsyncClient(a, api_key="key-app") as client:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await client.route_get("digits")
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        async with AsyncClient(a, api_key="key-admin") as client:
+            await client.route_get("digits")
+
+    run(routing())
+    assert metric(gateway, "meshserve_gateway_auth_failures_total",
+                  'reason="missing_scope"') == 6
+
+
+def test_a_task_belongs_to_the_key_that_submitted_it(gateway):
+    async def main():
+        async with AsyncClient(gateway.address, api_key="key-digits") as mine, \
+                AsyncClient(gateway.address, api_key="key-ops") as other:
+            task_id = await mine.submit("digits", {"input": X}, idempotency_key="same")
+            assert (await mine.get_task(task_id)).task_id == task_id
+            for call_ in (other.get_task, other.cancel_task):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await call_(task_id)
+                assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                [_ async for _ in other.watch_task(task_id)]
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            # an idempotency key is the submitter's own: the same one from another key
+            # is another task
+            theirs = await other.submit("digits", {"input": X}, idempotency_key="same")
+            assert theirs != task_id
+            assert await mine.submit("digits", {"input": X}, idempotency_key="same") == task_id
+            assert (await mine.cancel_task(task_id)).task_id == task_id
+
+    run(main())

@@ -40,7 +40,8 @@ def test_a_reload_through_one_gateway_empties_the_other_gateways_l1(start_servic
     batcher = start_service("batcher", [*INTERNAL, "--model-repository", str(MODELS),
                                         "--load", "digits", "--workers", worker.address])
     gateways = [start_service("gateway", [
-        "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--model-repository", str(MODELS), "--batcher", batcher.address,
+        "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+        "--model-repository", str(MODELS), "--batcher", batcher.address,
         "--cache", cache.address]) for _ in range(2)]
     x = np.random.default_rng(7).random((1, 64), dtype=np.float32)
 

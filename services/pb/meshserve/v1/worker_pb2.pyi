@@ -90,7 +90,7 @@ class BucketWarmup(_message.Message):
     def __init__(self, batch_size: _Optional[int] = ..., warmup_ns: _Optional[int] = ...) -> None: ...
 
 class LoadedModel(_message.Message):
-    __slots__ = ("model", "version", "state", "byte_size", "warmup", "cuda_graphs", "load_ns")
+    __slots__ = ("model", "version", "state", "byte_size", "warmup", "cuda_graphs", "load_ns", "format", "precision", "compile_mode", "compiled", "compile_ns", "compile_error")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,12 @@ class LoadedModel(_message.Message):
     WARMUP_FIELD_NUMBER: _ClassVar[int]
     CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
     LOAD_NS_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_MODE_FIELD_NUMBER: _ClassVar[int]
+    COMPILED_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_NS_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_ERROR_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     state: str
@@ -105,7 +111,13 @@ class LoadedModel(_message.Message):
     warmup: _containers.RepeatedCompositeFieldContainer[BucketWarmup]
     cuda_graphs: bool
     load_ns: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., byte_size: _Optional[int] = ..., warmup: _Optional[_Iterable[_Union[BucketWarmup, _Mapping]]] = ..., cuda_graphs: _Optional[bool] = ..., load_ns: _Optional[int] = ...) -> None: ...
+    format: str
+    precision: str
+    compile_mode: str
+    compiled: bool
+    compile_ns: int
+    compile_error: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., byte_size: _Optional[int] = ..., warmup: _Optional[_Iterable[_Union[BucketWarmup, _Mapping]]] = ..., cuda_graphs: _Optional[bool] = ..., load_ns: _Optional[int] = ..., format: _Optional[str] = ..., precision: _Optional[str] = ..., compile_mode: _Optional[str] = ..., compiled: _Optional[bool] = ..., compile_ns: _Optional[int] = ..., compile_error: _Optional[str] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("worker_id", "device", "models", "memory_used_bytes", "memory_limit_bytes", "max_models", "in_flight", "draining")
