@@ -45,6 +45,7 @@ class _Stream:
         self.pending: dict[int, asyncio.Future] = {}
         self._requests: list[batcher_pb2.InferRequest] = []
         self._cancelled: list[int] = []
+        self._withdrawn: list[int] = []
         self._wake = asyncio.Event()
         self.alive = True
         # Its batcher refused a request as draining: send nothing new on it.
@@ -59,21 +60,22 @@ class _Stream:
         self._requests.append(request)
         self._wake.set()
 
-    def cancel(self, request_id: int) -> None:
+    def cancel(self, request_id: int, withdrawn: bool = False) -> None:
         if self.pending.pop(request_id, None) is not None and self.alive:
-            self._cancelled.append(request_id)
+            (self._withdrawn if withdrawn else self._cancelled).append(request_id)
             self._wake.set()
 
     async def _outgoing(self):
         while True:
-            while (not self._requests and not self._cancelled) or (
+            while (not self._requests and not self._cancelled and not self._withdrawn) or (
                     self._acks_seen and self._unacked >= MAX_UNACKED_MESSAGES):
                 self._wake.clear()
                 await self._wake.wait()
-            message = batcher_pb2.InferRequests(requests=self._requests, cancelled=self._cancelled)
+            message = batcher_pb2.InferRequests(requests=self._requests, cancelled=self._cancelled,
+                                                withdrawn=self._withdrawn)
             self.sent.add(len(self._requests))
             self._unacked += 1
-            self._requests, self._cancelled = [], []
+            self._requests, self._cancelled, self._withdrawn = [], [], []
             yield message
 
     async def _read(self) -> None:
@@ -210,12 +212,13 @@ class BatcherClient:
         return Sent(request, timeout_s, stream, future, timer)
 
     def cancel(self, sent: Sent) -> None:
-        """The caller no longer wants the result (the batcher drops the request)."""
+        """The caller no longer needs the result: the batcher drops the request (not
+        counted as a failure)."""
         if sent.timer is not None:
             sent.timer.cancel()
         if not sent.future.done():
             sent.future.cancel()
-        sent.stream.cancel(sent.request.request_id)
+        sent.stream.cancel(sent.request.request_id, withdrawn=True)
 
     async def result(self, sent: Sent) -> batcher_pb2.InferResult:
         retries = len(self._streams)

@@ -337,6 +337,8 @@ class Batcher:
         if r.future.done():
             return
         r.future.set_result(result)
+        if r.withdrawn:
+            return
         code = "OK" if result.error is None else result.error.code_name
         queued = result.queue_ns if result.error is None or result.batch_size else None
         total_ns = int((self.now() - r.enqueued_s) * 1e9)
@@ -569,9 +571,10 @@ class Session:
         """A request that could not even be read (bad tensor): answered at once."""
         self._post(InferResult(request_id, error))
 
-    def cancel(self, request_id: int) -> None:
+    def cancel(self, request_id: int, withdrawn: bool = False) -> None:
         request = self.pending.get(request_id)
         if request is not None:
+            request.withdrawn = withdrawn
             self.batcher.cancel(request)
 
     def _done(self, request_id: int, future: asyncio.Future) -> None:

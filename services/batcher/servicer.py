@@ -65,6 +65,8 @@ async def _read(request_iterator, session: Session) -> None:
                                r.priority, r.timeout_us, r.traceparent)
             for request_id in message.cancelled:
                 session.cancel(request_id)
+            for request_id in message.withdrawn:
+                session.cancel(request_id, withdrawn=True)
             session.received()
     finally:
         session.end_input()

@@ -163,3 +163,34 @@ def test_closing_a_session_cancels_its_queued_requests(models_dir):
         await asyncio.sleep(0)
         await batcher.close()
     asyncio.run(body())
+
+
+def test_messages_are_acknowledged_and_withdrawn_requests_are_no_failures(models_dir):
+    """Flow control: each message read is acknowledged with the next drain, alone or with
+    results. A withdrawn request (the gateway's cache had the answer) is dropped like a
+    cancelled one but does not count as a failure."""
+    async def body():
+        batcher, [link] = setup(models_dir)
+        link.gate.clear()
+        session = Session(batcher)
+        session.received()
+        session.received()
+        assert await asyncio.wait_for(session.drain(), 5) == ([], 2)
+        for i in range(1, 7):  # 1 batch runs, the rest queue
+            session.submit(i, "digits", "2", row(i), [], 0, 0)
+        await asyncio.sleep(0)
+        session.cancel(5)
+        session.cancel(6, withdrawn=True)
+        results, received = await asyncio.wait_for(session.drain(), 5)
+        assert received == 0
+        assert sorted(r.request_id for r in results) == [5, 6]
+        assert all(isinstance(r.error, Cancelled) for r in results)
+        link.gate.set()
+        answered = []
+        while len(answered) < 4:
+            answered += (await asyncio.wait_for(session.drain(), 5))[0]
+        [stats] = batcher.statistics("digits", "2")
+        assert stats.fail.count == 1  # 5 only
+        assert stats.success.count == 4
+        await batcher.close()
+    asyncio.run(body())

@@ -58,6 +58,15 @@ def test_a_reload_through_one_gateway_empties_the_other_gateways_l1(start_servic
                 await asyncio.sleep(0.02)
             assert again.parameters["cache_hit"].bool_param
             assert again.raw_output_contents == first.raw_output_contents
+            # gateway B finds it in the cache service; it had sent the request to the
+            # batcher meanwhile (misses are mostly all there is), and withdraws it: not a
+            # failure in the statistics
+            from_b = await b.ModelInfer(request(x), timeout=30)
+            assert from_b.parameters["cache_hit"].bool_param
+            assert from_b.raw_output_contents == first.raw_output_contents
+            stats = await b.ModelStatistics(
+                pb.ModelStatisticsRequest(name="digits", version="2"), timeout=30)
+            assert stats.model_stats[0].inference_stats.fail.count == 0
             # hits now come from gateway A's L1 ...
             hits = l1_hits(gateways[0])
             assert (await a.ModelInfer(request(x), timeout=30)).parameters["cache_hit"].bool_param
