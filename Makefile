@@ -6,6 +6,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
+# Which torch build (see README): cpu (the default on Linux: torch==X+cpu, a 190 MB wheel),
+# a CUDA tag such as cu128 (torch==X+cu128, several GB), or default (PyPI's own torch==X:
+# the CUDA build on Linux x86_64, the CPU one on macOS, the default there). cpu and CUDA
+# builds come from the indexes pip is configured with (a local wheelhouse, offline) and
+# else from TORCH_INDEX.
+TORCH_VARIANT ?= $(if $(filter Darwin,$(shell uname -s)),default,cpu)
+TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH_VARIANT)
+TORCH_SPEC := torch==$(TORCH_VERSION)$(if $(filter-out default,$(TORCH_VARIANT)),+$(TORCH_VARIANT))
 PROTO_SRC := $(shell find protos -name '*.proto' | sort)
 PB := services/pb
 
@@ -17,7 +25,14 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	@echo "installing $(TORCH_SPEC) ($(TORCH_VARIANT) build; make clean install TORCH_VARIANT=cu128 for CUDA)"
+ifeq ($(TORCH_VARIANT),default)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+else
+	$(PY) -m pip install -q "$(TORCH_SPEC)" 2>/dev/null || \
+		$(PY) -m pip install -q "$(TORCH_SPEC)" --index-url $(TORCH_INDEX) \
+			--extra-index-url https://pypi.org/simple
+endif
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

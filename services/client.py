@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,10 @@ from meshserve.pb.meshserve.v1 import async_inference_pb2 as apb
 from meshserve.pb.meshserve.v1 import async_inference_pb2_grpc as apb_grpc
 from meshserve.pb.meshserve.v1 import routing_pb2 as rpb
 from meshserve.pb.meshserve.v1 import routing_pb2_grpc as rpb_grpc
+
+# The gateway the commands talk to unless --url says otherwise.
+DEFAULT_URL = os.environ.get("MESHSERVE_URL", "127.0.0.1:8001")
+URL_HELP = "gateway address [env MESHSERVE_URL; default 127.0.0.1:8001]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +263,15 @@ class _BearerStreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._details(details), request_iterator)
 
 
+API_KEY_ENV = "MESHSERVE_API_KEY"
+API_KEY_HELP = (f"API key (gateways with --api-keys-file); default: env {API_KEY_ENV}, which "
+                "keeps the key out of the shell history and the process list")
+
+
+def env_api_key() -> str:
+    return os.environ.get(API_KEY_ENV, "")
+
+
 def bearer_auth(api_key: str) -> list:
     """Interceptors adding `authorization: Bearer <key>` to every call of a channel."""
     return [kind(api_key) for kind in (_BearerUnaryUnary, _BearerUnaryStream,
@@ -270,8 +284,8 @@ def bearer_auth(api_key: str) -> list:
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="meshserve infer", description="One inference request.")
     p.add_argument("model")
-    p.add_argument("--url", default="127.0.0.1:8001", help="gateway address")
-    p.add_argument("--api-key", default="", help="API key (gateways with --api-keys-file)")
+    p.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
+    p.add_argument("--api-key", default=env_api_key(), help=API_KEY_HELP)
     p.add_argument("--version", default="", help="model version (default: the model's default)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help='JSON: a list for a one-input model, or {"name": list}')
@@ -440,8 +454,8 @@ def submit_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="meshserve submit",
                                 description="Queue one async inference; prints its task id.")
     p.add_argument("model")
-    p.add_argument("--url", default="127.0.0.1:8001", help="gateway address")
-    p.add_argument("--api-key", default="", help="API key (gateways with --api-keys-file)")
+    p.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
+    p.add_argument("--api-key", default=env_api_key(), help=API_KEY_HELP)
     p.add_argument("--version", default="")
     p.add_argument("--input-file", required=True, help="JSON, as for `meshserve infer`")
     p.add_argument("--output", action="append", default=[], help="output to return (repeatable)")
@@ -458,8 +472,8 @@ def result_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="meshserve result", description="An async task's state "
                                 "and result (exit 0: succeeded or not done yet).")
     p.add_argument("task_id")
-    p.add_argument("--url", default="127.0.0.1:8001", help="gateway address")
-    p.add_argument("--api-key", default="", help="API key (gateways with --api-keys-file)")
+    p.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
+    p.add_argument("--api-key", default=env_api_key(), help=API_KEY_HELP)
     p.add_argument("--wait", action="store_true", help="wait until the task is done")
     try:
         return asyncio.run(_result(p.parse_args(argv)))
@@ -556,8 +570,8 @@ def route_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="meshserve route",
                                 description="Traffic management: version splits, canaries, "
                                 "shadows, fallback, cost-aware aliases.")
-    p.add_argument("--url", default="127.0.0.1:8001", help="gateway address")
-    p.add_argument("--api-key", default="", help="API key (gateways with --api-keys-file)")
+    p.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
+    p.add_argument("--api-key", default=env_api_key(), help=API_KEY_HELP)
     sub = p.add_subparsers(dest="action", required=True)
     g = sub.add_parser("get", help="the policy in force and this gateway's per-route counts")
     g.add_argument("model")

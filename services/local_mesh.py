@@ -107,12 +107,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     f.add("--tls-dir", str, "", "mTLS between the services and TLS on the gateway, from "
           "DIR/ca.crt, DIR/tls.crt and DIR/tls.key (deploy/tls/make-dev-certs.sh DIR makes them)",
           env="MESHSERVE_UP_TLS_DIR")
-    f.add("--up-metrics-port", int, 8003, "Prometheus port of `up` itself: restarts and "
-          "state of every service (-1: none)", env="MESHSERVE_UP_METRICS_PORT")
+    f.add("--up-metrics-port", int, None, "Prometheus port of `up` itself: restarts and "
+          "state of every service (-1: none; default: --metrics-port + 1, i.e. 8003, none "
+          "when --metrics-port is -1, any free port when it is 0)",
+          env="MESHSERVE_UP_METRICS_PORT")
     f.add("--restart-limit", int, RESTART_LIMIT, "quick crashes in a row (each within "
           f"{QUICK_CRASH_S:.0f}s of its start) before giving up on a service",
           env="MESHSERVE_UP_RESTART_LIMIT")
     args = f.parse(argv)
+    if args.up_metrics_port is None:
+        args.up_metrics_port = args.metrics_port + 1 if args.metrics_port > 0 else args.metrics_port
     if args.gateways < 1 or args.workers < 0 or args.restart_limit < 0:
         f.parser.error("--gateways must be >= 1, --workers and --restart-limit >= 0")
     if args.tls_dir:
@@ -250,6 +254,28 @@ def describe_exit(code: int) -> str:
 _LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ ")
 
 
+def stop_cause(lines: list[str]) -> str:
+    """See Service.cause."""
+    for line in reversed(lines):
+        if " CRITICAL " in line:
+            return _LOG_PREFIX.sub("", line.strip())
+    cause, in_traceback, ignored = "", False, False
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last):"):
+            in_traceback = True
+            ignored = i > 0 and lines[i - 1].startswith("Exception ignored")
+        elif in_traceback and line and not line[0].isspace():
+            in_traceback = False
+            if not ignored:
+                cause = line.strip()
+    if cause:
+        return cause
+    for line in reversed(lines):
+        if line.strip():
+            return _LOG_PREFIX.sub("", line.strip())
+    return "no output"
+
+
 class Service:
     """One supervised service: its current process, its output pump, its restarts."""
 
@@ -260,7 +286,7 @@ class Service:
         self.proc: asyncio.subprocess.Process | None = None
         self.pump: asyncio.Task | None = None
         self.ports: dict = {}
-        self.tail: deque[str] = deque(maxlen=20)  # its last lines, for a failure's cause
+        self.tail: deque[str] = deque(maxlen=200)  # its last lines, for a failure's cause
         self.started_at = 0.0
         self.restarts = 0  # since `up` started
         self.quick_crashes = 0  # in a row
@@ -309,11 +335,10 @@ class Service:
             write(self.out, "".join(f"{tag} {line}\n" for line in lines))
 
     def cause(self) -> str:
-        """The last line the service wrote (without its timestamp): why it stopped."""
-        for line in reversed(self.tail):
-            if line.strip():
-                return _LOG_PREFIX.sub("", line.strip())
-        return "no output"
+        """Why the service stopped, from its last lines: its one-line failure (logs.run),
+        else the last line of its last traceback (not of the noise Python prints while it
+        exits: "Exception ignored in ..."), else its last line; without the timestamp."""
+        return stop_cause(list(self.tail))
 
     async def ready(self, timeout_s: float = READY_TIMEOUT_S) -> dict:
         """Waits for the port file a service writes once it is SERVING; then its ports
@@ -584,7 +609,14 @@ async def load_models(target: str, repo: str, tls_dir: str = "", out=None) -> No
 
     tls = {"tls_ca": str(Path(tls_dir) / "ca.crt")} if tls_dir else {}
     async with AsyncClient(target, **tls) as client:
+        # The batcher loaded them (--load all); loading a READY model again would reload it.
+        states: dict[str, set[str]] = {}
+        for m in (await client.index()).models:
+            states.setdefault(m.name, set()).add(m.state)
         for name in sorted(p.parent.name for p in Path(repo).glob("*/config.json")):
+            if states.get(name) == {"READY"}:
+                say(f"model '{name}' loaded", out)
+                continue
             try:
                 await client.load_model(name)
                 say(f"model '{name}' loaded", out)

@@ -11,7 +11,7 @@ from meshserve.common.transport import PLAINTEXT, Transport
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 8011
     metrics_port: int = 8012
     port_file: str | None = None
@@ -57,7 +57,7 @@ def _optional_bool(value: str) -> bool | None:
 
 def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
     f = Flags("meshserve.batcher", "Dynamic batching between gateways and model workers.", env)
-    f.add("--host", str, "0.0.0.0", "address to bind")
+    f.add("--host", str, "127.0.0.1", "address to bind (0.0.0.0: every interface)")
     f.add("--port", int, 8011, "gRPC port (0: ephemeral)")
     f.add("--metrics-port", int, 8012, "Prometheus port (-1: disabled, 0: ephemeral)")
     f.add("--port-file", str, None, "write the bound ports here (JSON) once serving")

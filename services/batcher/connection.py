@@ -85,10 +85,10 @@ class WorkerConnection:
             self._send.put_nowait(None)
             log.info("model worker %s is draining; ending its stream", self.address)
 
-    async def load(self, model: str, version: str) -> None:
+    async def load(self, model: str, version: str, reload: bool = False) -> None:
         stub = self._require_stub()
         try:
-            await stub.Load(worker_pb2.LoadRequest(model=model, version=version),
+            await stub.Load(worker_pb2.LoadRequest(model=model, version=version, reload=reload),
                             timeout=LOAD_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
             raise grpcutil.error_from_rpc(e, f"model worker {self.address}") from None

@@ -55,7 +55,9 @@ def result_to_pb(r: InferResult) -> batcher_pb2.InferResult:
 def report_from_pb(s: worker_pb2.WorkerStatus) -> WorkerReport:
     return WorkerReport(
         worker_id=s.worker_id, device=s.device,
-        models=tuple(HeldModel(m.model, m.version, m.state, m.byte_size) for m in s.models),
+        models=tuple(HeldModel(m.model, m.version, m.state, m.byte_size, tuple(m.graph_buckets),
+                                tuple((b.batch_size, b.reason) for b in m.eager_buckets))
+                      for m in s.models),
         memory_used_bytes=s.memory_used_bytes, memory_limit_bytes=s.memory_limit_bytes,
         max_models=s.max_models, in_flight=s.in_flight, draining=s.draining,
     )
@@ -80,6 +82,8 @@ def stats_to_pb(s: ModelStats) -> batcher_pb2.ModelStats:
 def states_to_pb(states) -> batcher_pb2.ModelStatesResponse:
     return batcher_pb2.ModelStatesResponse(versions=[
         batcher_pb2.ModelVersionState(model=s.model, version=s.version, state=s.state,
-                                      reason=s.reason, workers=list(s.workers))
+                                      reason=s.reason, workers=list(s.workers),
+                                      graph_buckets=s.graph_buckets,
+                                      eager_buckets=s.eager_buckets)
         for s in states
     ])

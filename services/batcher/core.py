@@ -23,6 +23,7 @@ from meshserve.common import tracing
 from meshserve.common.errors import (
     Cancelled,
     ConfigError,
+    FailedPrecondition,
     Internal,
     InvalidInput,
     MeshError,
@@ -57,6 +58,8 @@ class VersionState:
     state: str  # READY, LOADING, UNAVAILABLE
     reason: str
     workers: tuple[str, ...]
+    graph_buckets: tuple[int, ...] = ()  # replayed as CUDA graphs by a holder
+    eager_buckets: tuple[int, ...] = ()  # run eagerly by a holder: capture failed
 
 
 class _ModelQueue:
@@ -384,8 +387,44 @@ class Batcher:
             if not v.isdigit() or int(v) not in on_disk:
                 raise NotFound(f"model '{model}' has no version {v!r} in the model repository")
         keys = [(model, str(int(v))) for v in versions]
-        await asyncio.gather(*(self.ensure_loaded(k) for k in keys))
+        await asyncio.gather(*(self._load_or_reload(k) for k in keys))
         return [s for s in self.model_states(model) if (s.model, s.version) in keys]
+
+    async def _load_or_reload(self, key: Key) -> None:
+        """RepositoryModelLoad: a version workers hold READY is read from disk again on
+        each of them (Triton's reload); anywhere else it is loaded."""
+        holders = self.pool.holders(key)
+        if not holders:
+            await self.ensure_loaded(key)
+            return
+        self._wanted.add(key)
+        self._unwanted.discard(key)
+        await self._reload(key, holders)
+
+    async def _reload(self, key: Key, holders: list[Worker]) -> None:
+        """Each holder warms the new files, then swaps them in (its batches keep running
+        meanwhile). Holders whose reload failed drop the version, so that every answer
+        comes from the new files; FailedPrecondition when every holder failed (the
+        previous files keep serving)."""
+        model, version = key
+        log.info("reloading %s version %s on %s", model, version,
+                 ", ".join(w.address for w in holders))
+        results = await asyncio.gather(
+            *(w.link.load(model, version, reload=True) for w in holders), return_exceptions=True)
+        failed = [(w, r) for w, r in zip(holders, results, strict=True)
+                  if isinstance(r, BaseException)]
+        for w, e in failed:
+            log.warning("reloading %s version %s on %s failed: %s", model, version, w.address, e)
+        if not failed:
+            return
+        if len(failed) == len(holders):
+            raise FailedPrecondition(
+                f"reloading model '{model}' version {version} failed, its previous files "
+                f"keep serving: {failed[0][1]}")
+        log.warning("unloading %s version %s from %s: every answer comes from the new files",
+                    model, version, ", ".join(w.address for w, _ in failed))
+        await asyncio.gather(*(w.link.unload(model, version) for w, _ in failed),
+                             return_exceptions=True)
 
     async def ensure_loaded(self, key: Key) -> None:
         """Marks a version wanted and returns once a worker holds it READY or loading failed."""
@@ -460,7 +499,7 @@ class Batcher:
         model, version = key
         holders = tuple(sorted(w.address for w in self.pool.holders(key)))
         if holders:
-            return VersionState(model, version, "READY", "", holders)
+            return self._ready_state(key, holders)
         if self.pool.loading(key) or key in self._loads:
             return VersionState(model, version, "LOADING", "", ())
         if key in self._unwanted:
@@ -472,6 +511,25 @@ class Batcher:
         else:
             reason = "not loaded on any model worker"
         return VersionState(model, version, "UNAVAILABLE", reason, ())
+
+    def _ready_state(self, key: Key, holders: tuple[str, ...]) -> VersionState:
+        """READY, with the holders' CUDA graph buckets; the reason names the batch sizes a
+        worker runs eagerly because their capture failed ("" when none did)."""
+        graphs: set[int] = set()
+        eager: set[int] = set()
+        notes = []
+        for w in self.pool.holders(key):
+            for m in w.report.models if w.report else ():
+                if (m.model, m.version) != key:
+                    continue
+                graphs.update(m.graph_buckets)
+                if m.eager_buckets:
+                    eager.update(size for size, _ in m.eager_buckets)
+                    sizes = ", ".join(str(size) for size, _ in m.eager_buckets)
+                    notes.append(f"{w.address} runs batch sizes {sizes} eagerly "
+                                 f"({m.eager_buckets[0][1]})")
+        return VersionState(key[0], key[1], "READY", "; ".join(notes), holders,
+                            tuple(sorted(graphs)), tuple(sorted(eager)))
 
     def note_reported(self) -> None:
         """A worker reported its models: versions it holds READY become wanted (so they are

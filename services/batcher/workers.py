@@ -28,6 +28,8 @@ class HeldModel:
     version: str
     state: str  # READY or LOADING
     byte_size: int = 0
+    graph_buckets: tuple[int, ...] = ()  # batch sizes replaying a CUDA graph
+    eager_buckets: tuple[tuple[int, str], ...] = ()  # (batch size, why) where capture failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +51,7 @@ class WorkerLink(Protocol):
     address: str
 
     async def execute(self, batch: Batch) -> BatchOutcome: ...
-    async def load(self, model: str, version: str) -> None: ...
+    async def load(self, model: str, version: str, reload: bool = False) -> None: ...
     async def unload(self, model: str, version: str) -> None: ...
 
 

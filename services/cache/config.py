@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from meshserve.common import transport
 from meshserve.common.errors import ConfigError
+from meshserve.common.logs import redact_url
 from meshserve.common.settings import Flags
 from meshserve.common.transport import PLAINTEXT, Transport
 
@@ -14,7 +15,7 @@ MiB = 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 8031
     metrics_port: int = 8032
     port_file: str | None = None
@@ -43,7 +44,7 @@ class Settings:
             raise ConfigError(f"--key-prefix {self.key_prefix!r} is empty or has {{}}*?[]")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(
-                f"--redis-url {self.redis_url!r}: expected redis://, rediss:// or unix://")
+                f"--redis-url {redact_url(self.redis_url)!r}: expected redis://, rediss:// or unix://")
 
     @property
     def backend_name(self) -> str:
@@ -52,7 +53,7 @@ class Settings:
 
 def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
     flags = Flags("meshserve.cache", "The prediction cache service (meshserve.v1.Cache).", env)
-    flags.add("--host", str, "0.0.0.0", "address to bind")
+    flags.add("--host", str, "127.0.0.1", "address to bind (0.0.0.0: every interface)")
     flags.add("--port", int, 8031, "gRPC port (0: ephemeral)")
     flags.add("--metrics-port", int, 8032, "Prometheus port (0: ephemeral, -1: disabled)")
     flags.add("--port-file", str, None, "write the bound ports here as JSON once serving")

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Coroutine
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from meshserve.common.errors import MeshError
 
@@ -32,6 +33,24 @@ def clip(value: object, limit: int = CLIP_CHARS) -> str:
     if not head.isprintable():
         head = "".join(c if c.isprintable() else repr(c)[1:-1] for c in head)
     return head if n <= limit else f"{head}...[{n} chars]"
+
+
+def redact_url(url: str) -> str:
+    """A URL (a Redis URL) fit for a log line: its password, in the authority
+    (redis://user:SECRET@host) or a `password=` query parameter, replaced by ***."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparsable URL>"
+    if password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if "password=" in parts.query:
+        query = [(k, "***" if k == "password" else v)
+                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)
 
 
 class _OneLine(logging.Filter):

@@ -490,9 +490,10 @@ def _routing(r: _Fields | None) -> RoutingConfig | None:
 def check_model_name(name: str) -> str:
     """A model is named, never addressed by path: refuse anything that could escape."""
     if not _NAME_RE.match(name or "") or ".." in name:
+        shown = repr(name[:64]) + (f"... ({len(name)} characters)" if len(name) > 64 else "")
         raise InvalidInput(
-            f"invalid model name {name!r}: use letters, digits, '_', '-' and '.', "
-            "never a path"
+            f"invalid model name {shown}: use letters, digits, '_', '-' and '.' (at most "
+            "128), never a path"
         )
     return name
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from meshserve.common import transport
 from meshserve.common.errors import ConfigError
-from meshserve.common.settings import Flags
+from meshserve.common.settings import Flags, parse_bool
 from meshserve.common.transport import Transport
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 8001
     metrics_port: int = 8002
     port_file: str | None = None
@@ -46,6 +47,8 @@ class Settings:
     # Protection (gateway/protection.py): API keys (empty: auth off), per-model token
     # buckets "MODEL=RATE[:BURST],...", and load shedding past this many inferences at once.
     api_keys_file: str = ""
+    # Without keys, a gateway listens only on a loopback address unless this says otherwise.
+    insecure: bool = False
     model_rate_limits: str = ""
     max_concurrent_requests: int = 4096
     # Requests arriving without a traceparent are sampled (logged per request) this often.
@@ -63,6 +66,12 @@ class Settings:
             raise ConfigError(f"--l1-cache-mb: must be >= 0, got {self.l1_cache_mb}")
         if self.cache_timeout_ms < 1:
             raise ConfigError(f"--cache-timeout-ms: must be >= 1, got {self.cache_timeout_ms}")
+        if not (self.api_keys_file or self.insecure or is_loopback(self.host)):
+            raise ConfigError(
+                f"--host {self.host}: refusing to serve without API keys on a non-loopback "
+                "address (anyone reaching it could infer, load, unload and reroute models); "
+                "give --api-keys-file (see `meshserve keys`), or --insecure to serve open "
+                "anyway, or --host 127.0.0.1")
         if not self.batcher:
             raise ConfigError("--batcher: the batcher's address is required")
         if self.max_concurrent_requests < 1:
@@ -95,10 +104,22 @@ class Settings:
                              self.async_result_ttl_s, self.async_claim_idle_s)
 
 
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1 (brackets allowed): reachable from this machine only."""
+    host = host.strip().strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a DNS name: whatever it resolves to
+
+
 def from_args(argv: list[str] | None = None) -> Settings:
     d = Settings()
     f = Flags("meshserve gateway", "The public Open Inference Protocol v2 gRPC API.")
-    f.add("--host", str, d.host, "address to bind")
+    f.add("--host", str, d.host, "address to bind (0.0.0.0: every interface; needs "
+          "--api-keys-file or --insecure)")
     f.add("--port", int, d.port, "gRPC port (0: any free port)")
     f.add("--metrics-port", int, d.metrics_port, "Prometheus port (-1: off)")
     f.add("--port-file", str, None, "write the bound ports here as JSON once serving")
@@ -142,6 +163,11 @@ def from_args(argv: list[str] | None = None) -> Settings:
     transport.add_flags(f, client_auth="none")
     f.add("--api-keys-file", str, d.api_keys_file,
           "JSON keys file (hashed API keys, models, priority, rate); empty: no authentication")
+    f.parser.add_argument(
+        "--insecure", action="store_true",
+        default=parse_bool(f.env.get("MESHSERVE_INSECURE", str(d.insecure))),
+        help="serve without --api-keys-file on a non-loopback --host: open to anyone "
+             "[env MESHSERVE_INSECURE]")
     f.add("--model-rate-limits", str, d.model_rate_limits,
           "per-model token buckets MODEL=RATE_PER_S[:BURST],... (shared through --redis-url)")
     f.add("--max-concurrent-requests", int, d.max_concurrent_requests,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -125,8 +125,12 @@ def model_metadata(config: ModelConfig, versions: Iterable[str]) -> pb.ModelMeta
     )
 
 
-def model_config(config: ModelConfig, device_kind: str = "KIND_AUTO") -> mc.ModelConfig:
-    """Triton's ModelConfig: dims exclude the batch dimension when max_batch_size > 0."""
+def model_config(config: ModelConfig, device_kind: str = "KIND_AUTO",
+                 graphs: tuple[Sequence[int], Sequence[int]] | None = None) -> mc.ModelConfig:
+    """Triton's ModelConfig: dims exclude the batch dimension when max_batch_size > 0.
+    graphs: (batch sizes replayed as CUDA graphs, batch sizes run eagerly because their
+    capture failed) as the workers holding the version report them; None when no worker
+    holds it (then `optimization.cuda.graphs` says what the config asks for)."""
     b = config.batching
     out = mc.ModelConfig(
         name=config.name,
@@ -165,9 +169,14 @@ def model_config(config: ModelConfig, device_kind: str = "KIND_AUTO") -> mc.Mode
                 max_queue_size=b.max_queue_size,
             ),
         ))
-    return out
-    if config.max_batch_size > 0 and config.cuda_graphs:
-        out.optimization.cuda.graphs = True
+    if graphs is None:
+        out.optimization.cuda.graphs = config.max_batch_size > 0 and config.cuda_graphs
+    else:
+        captured, eager = graphs
+        out.optimization.cuda.graphs = bool(captured)
+        for key, sizes in (("cuda_graph_batch_sizes", captured), ("eager_batch_sizes", eager)):
+            if sizes:
+                out.parameters[key].string_value = ",".join(str(s) for s in sizes)
     return out
 
 

@@ -74,6 +74,7 @@ class _Entry:
     on_disk: tuple[str, ...] = ()  # version folders holding the model file
     versions: tuple[str, ...] = ()  # served: the version policy's choice of on_disk
     error: MeshError | None = None
+    problem: str = ""  # no version folder holds the model file: which file, what is there
 
 
 @dataclass(slots=True)
@@ -126,7 +127,9 @@ class Catalog:
         except ConfigError as e:
             return _Entry(None, error=e)
         served = config.version_policy.select(on_disk)
-        return _Entry(config, tuple(str(v) for v in on_disk), tuple(str(v) for v in served))
+        problem = "" if on_disk else self.repository.missing_file(model, "", config)
+        return _Entry(config, tuple(str(v) for v in on_disk), tuple(str(v) for v in served),
+                      problem=problem)
 
     def reload(self) -> None:
         """Reads every model (blocking: at start, or in a worker thread)."""
@@ -352,6 +355,19 @@ class Gateway:
         response = await self.batcher.model_states(model)
         return list(response.versions)
 
+    async def graph_buckets(self, model: str, version: str
+                            ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """(CUDA graph batch sizes, eager batch sizes) of a READY version as its workers
+        report them; None when none holds it or the batcher does not answer."""
+        try:
+            states = await self.states(model)
+        except MeshError:
+            return None
+        for s in states:
+            if s.version == version and s.state == "READY":
+                return tuple(s.graph_buckets), tuple(s.eager_buckets)
+        return None
+
     async def model_ready(self, model: str, version: str) -> bool:
         _config, version = self.catalog.resolve(model, version)
         for state in await self.states(model):
@@ -368,14 +384,15 @@ class Gateway:
 
     async def index(self, ready_only: bool) -> list[tuple[str, str, str, str]]:
         """(model, version, state, reason) for every version of every model on disk; a
-        model whose config is broken is one UNAVAILABLE row giving the reason."""
+        model whose config is broken, or without any version holding its model file, is
+        one UNAVAILABLE row giving the reason."""
         await self.catalog.reload_now()
         states = {(s.model, s.version): s for s in await self.states("")}
         rows = []
         for name, entry in sorted(self.catalog.entries().items()):
-            if entry.error is not None:
+            if entry.error is not None or entry.problem:
                 if not ready_only:
-                    rows.append((name, "", "UNAVAILABLE", str(entry.error)))
+                    rows.append((name, "", "UNAVAILABLE", entry.problem or str(entry.error)))
                 continue
             for version in entry.on_disk:
                 s = states.get((name, version))
@@ -399,9 +416,7 @@ class Gateway:
                 raise FailedPrecondition(
                     f"model '{model}': its version_policy selects none of the versions on "
                     f"disk ({', '.join(entry.on_disk)})")
-            raise FailedPrecondition(
-                f"model '{model}' has no version to load: "
-                + await asyncio.to_thread(self.repository.missing_file, model, "", entry.config))
+            raise FailedPrecondition(f"model '{model}' has no version to load: {entry.problem}")
         if default_version is not None:
             wanted = versions or entry.versions
             if default_version not in wanted:

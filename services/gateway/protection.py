@@ -8,12 +8,15 @@ limit, applied by ONE server interceptor on the gateway's port.
 - Permission: the method needs a scope of the key (SCOPE_OF below: "infer" for inference,
   metadata and async tasks, "admin" for load/unload, routing, statistics and settings; a
   method not listed needs "admin"), and the model comes from the request message, per method
-  (MODEL_OF below; each message of a ModelStreamInfer): a missing scope or a model the key
-  may not use -> PERMISSION_DENIED.
+  (MODEL_OF below; each message of a ModelStreamInfer; every target of a routing policy):
+  a missing scope or a model the key may not use -> PERMISSION_DENIED.
+- Requests the router serves from another model (alias and fallback targets) or makes up
+  (shadow copies) take that model's token (`charge`); shadows also a concurrency slot.
 - The caller's key is visible to the servicer through common.auth.CALLER (async tasks are
   bound to the key that submitted them).
 - Inference (ModelInfer, each ModelStreamInfer message, AsyncInference Submit/SubmitBatch):
-  the key's default priority when the request sets none; then a token from the key's and the
+  the key's priority when the request sets none, and as a floor (a request cannot ask for a
+  higher one than its key's); then a token from the key's and the
   model's buckets (common.ratelimit), refused with RESOURCE_EXHAUSTED and `retry-after-ms`
   in the trailing metadata (and the message); ModelInfer and stream messages also count
   against --max-concurrent-requests (shed at once past it).
@@ -44,6 +47,8 @@ INFERENCE = "/inference.GRPCInferenceService/"
 ASYNC = "/meshserve.v1.AsyncInference/"
 ROUTING = "/meshserve.v1.Routing/"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Responses and refusals of one ModelStreamInfer waiting to be written, at most.
+STREAM_BUFFER = 64
 
 MODEL_INFER = INFERENCE + "ModelInfer"
 MODEL_STREAM_INFER = INFERENCE + "ModelStreamInfer"
@@ -59,7 +64,8 @@ MODEL_OF: dict[str, Callable[[object], list[str]]] = {
     INFERENCE + "RepositoryModelLoad": lambda r: [r.model_name],
     INFERENCE + "RepositoryModelUnload": lambda r: [r.model_name],
     ROUTING + "Get": lambda r: [r.model],
-    ROUTING + "Set": lambda r: [r.policy.model],
+    # A policy's targets too: a key may route only between models it may use itself.
+    ROUTING + "Set": lambda r: _policy_models(r),
     ROUTING + "Promote": lambda r: [r.model],
     ROUTING + "Watch": lambda r: [r.model],
 }
@@ -76,6 +82,16 @@ SCOPE_OF: dict[str, str] = {
 
 def scope_of(method: str) -> str:
     return SCOPE_OF.get(method, ADMIN)
+
+
+def _policy_models(request) -> list[str]:
+    policy = request.policy
+    if request.clear:
+        return [policy.model]
+    targets = [t.model for t in policy.fallback]
+    if policy.HasField("alias"):
+        targets += [policy.alias.preferred.model, policy.alias.cheaper.model]
+    return list(dict.fromkeys([policy.model, *(t for t in targets if t)]))
 
 
 class ProtectionMetrics:
@@ -184,14 +200,18 @@ class Protection:
         self.inflight -= 1
 
     async def admit(self, key: ApiKey | None, requests: list[pb.ModelInferRequest]) -> Denied | None:
-        """Permission, the key's default priority, then one token per request."""
+        """Permission, the key's priority (the default, and a floor: 1 is the highest, so
+        a request asking for a higher one than its key's gets the key's), then one token
+        per request."""
         models = [r.model_name for r in requests]
         denied = self.authorize(key, models)
         if denied is not None:
             return denied
         if key is not None and key.priority:
             for r in requests:
-                if "priority" not in r.parameters:
+                asked = r.parameters.get("priority")
+                if asked is None or (asked.WhichOneof("parameter_choice") == "int64_param"
+                                     and asked.int64_param < key.priority):
                     r.parameters["priority"].int64_param = key.priority
         if self.limiter is None:
             return None
@@ -202,16 +222,27 @@ class Protection:
             bucket = self.model_buckets.get(model)
             if bucket is not None:
                 buckets.append(bucket)
+        return await self._take(buckets, len(requests), key)
+
+    async def charge(self, model: str) -> Denied | None:
+        """One token of `model`'s bucket for a request it serves that named another model
+        (an alias or fallback target) or that no client sent (a shadow copy)."""
+        bucket = self.model_buckets.get(model)
+        if bucket is None or self.limiter is None:
+            return None
+        return await self._take([bucket], 1, None)
+
+    async def _take(self, buckets: list[Bucket], n: int, key: ApiKey | None) -> Denied | None:
         if not buckets:
             return None
-        refusal = await self.limiter.take(buckets, len(requests))
+        refusal = await self.limiter.take(buckets, n)
         if refusal is None:
             return None
         self.metrics.rate_limited.labels(refusal.scope).inc()
         who = f"API key '{key.name}'" if refusal.scope == "key" and key else "the model"
         if math.isinf(refusal.retry_after_s):
             return Denied(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"rate limit of {who}: {len(requests)} requests at once exceed its burst")
+                          f"rate limit of {who}: {n} requests at once exceed its burst")
         retry_ms = max(1, math.ceil(refusal.retry_after_s * 1000))
         return Denied(grpc.StatusCode.RESOURCE_EXHAUSTED,
                       f"rate limit of {who} exceeded: retry after {retry_ms} ms", retry_ms)
@@ -314,10 +345,12 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
         return submit
 
     def _stream_infer(self, inner):
-        """Each message: admitted (then counted until its response) or answered at once
-        with its refusal; responses of the servicer and refusals merge into one stream."""
+        """Each message: admitted (then counted until its response is written) or answered
+        at once with its refusal; responses of the servicer and refusals merge into one
+        stream through a small buffer: a client that does not read stops the reading of
+        its requests, and holds its concurrency slots, instead of growing memory."""
         p = self.protection
-        done = object()
+        done = (None, False)
 
         async def stream(request_iterator, context):
             key = p.authenticate(context.invocation_metadata())
@@ -325,8 +358,8 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
                 await abort(context, key)
                 return
             CALLER.set(key)
-            out: asyncio.Queue = asyncio.Queue()
-            pending = 0  # admitted, not answered yet
+            out: asyncio.Queue = asyncio.Queue(STREAM_BUFFER)  # (response, admitted)
+            pending = 0  # admitted, response not written yet
 
             async def admitted():
                 nonlocal pending
@@ -337,25 +370,29 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
                         if denied is not None:
                             p.release()
                     if denied is not None:
-                        out.put_nowait(stream_error(request, denied))
+                        await out.put((stream_error(request, denied), False))
                         continue
                     pending += 1
                     yield request
 
             async def pump():
-                nonlocal pending
                 try:
                     async for response in inner(admitted(), context):
-                        pending -= 1
-                        p.release()
-                        out.put_nowait(response)
-                finally:
-                    out.put_nowait(done)
+                        await out.put((response, True))
+                except asyncio.CancelledError:
+                    raise  # the stream is gone: nobody reads `out` any more
+                except Exception:
+                    await out.put(done)
+                    raise
+                await out.put(done)
 
             task = asyncio.create_task(pump())
             try:
                 while (item := await out.get()) is not done:
-                    yield item
+                    yield item[0]
+                    if item[1]:
+                        pending -= 1
+                        p.release()
                 await task
             finally:
                 task.cancel()

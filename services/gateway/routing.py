@@ -14,6 +14,12 @@ from meshserve.common.errors import InvalidInput, NotFound
 from meshserve.common.repository import check_model_name
 
 DEFAULT_MAX_SHADOW_IN_FLIGHT = 64
+# Bounds of one policy: what a gateway holds and works through per request.
+MAX_SPLIT = 32
+MAX_SHADOW = 4
+MAX_FALLBACK = 4
+MAX_SHADOW_IN_FLIGHT = 1024
+MAX_VERSION_CHARS = 20
 ROUTES = ("primary", "canary", "shadow", "fallback", "alias")
 
 
@@ -68,6 +74,14 @@ class Policy:
     @property
     def empty(self) -> bool:
         return not (self.split or self.shadow or self.fallback or self.alias)
+
+    @property
+    def models(self) -> list[str]:
+        """Every model (or alias) this policy names: its own and each target's."""
+        targets = [*self.fallback]
+        if self.alias is not None:
+            targets += [self.alias.preferred, self.alias.cheaper]
+        return list(dict.fromkeys([self.model, *(t.model for t in targets if t.model)]))
 
 
 # ------------------------------------------------------------------------- choice
@@ -135,16 +149,68 @@ def _weights(where: str, pairs, versions: tuple[str, ...], model: str, maximum: 
                                f"(0, {maximum:g}], got {weight:g}")
 
 
+def check_stored(policy: Policy, aliases: Mapping[str, Policy]) -> Policy:
+    """What a gateway checks of every policy it takes from the shared store (another
+    gateway validated it, but the store is writable by others): names, sizes and alias
+    cycles, which need no repository. InvalidInput naming what is wrong."""
+    _check_bounds(policy)
+    if policy.alias is not None:
+        _no_alias_cycle(policy.model, policy.alias, aliases)
+    return policy
+
+
+def _check_bounds(policy: Policy) -> None:
+    model = policy.model
+    try:
+        for name in policy.models:
+            check_model_name(name)
+    except InvalidInput as e:
+        raise InvalidInput(f"routing policy: {e}") from None
+    for what, items, bound in (("split", policy.split, MAX_SPLIT),
+                               ("shadow", policy.shadow, MAX_SHADOW),
+                               ("fallback", policy.fallback, MAX_FALLBACK)):
+        if len(items) > bound:
+            raise InvalidInput(f"routing policy of '{model}': {len(items)} {what} entries, "
+                               f"at most {bound}")
+    versions = [v for v, _w in (*policy.split, *policy.shadow)]
+    versions += [t.version for t in policy.fallback]
+    if policy.alias is not None:
+        versions += [policy.alias.preferred.version, policy.alias.cheaper.version]
+    for version in versions:
+        if version and not (version.isdigit() and len(version) <= MAX_VERSION_CHARS):
+            raise InvalidInput(f"routing policy of '{model}': {version[:40]!r} is not a version")
+    if not 0 <= policy.max_shadow_in_flight <= MAX_SHADOW_IN_FLIGHT:
+        raise InvalidInput(f"routing policy of '{model}': max_shadow_in_flight must be in "
+                           f"[0, {MAX_SHADOW_IN_FLIGHT}], got {policy.max_shadow_in_flight}")
+
+
+def _no_alias_cycle(model: str, spec: AliasSpec, aliases: Mapping[str, Policy]) -> None:
+    """Follows alias targets from `model` (with `spec` in place): InvalidInput on a cycle."""
+    graph = {name: p.alias for name, p in aliases.items() if p.alias is not None}
+    graph[model] = spec
+    path: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in path:
+            raise InvalidInput("alias cycle: " + " -> ".join([*path[path.index(name):], name]))
+        a = graph.get(name)
+        if a is None:
+            return
+        path.append(name)
+        visit(a.preferred.model)
+        visit(a.cheaper.model)
+        path.pop()
+
+    visit(model)
+
+
 def validate(policy: Policy, facts: Callable[[str], ModelFacts | None],
              aliases: Mapping[str, Policy]) -> Policy:
     """The policy, normalised (split weights scaled to sum to 100, alias low marks
     defaulted); InvalidInput naming what is wrong. facts(name) is None for a name that is
     not a repository model; aliases are the alias policies in force (for cycles)."""
     model = policy.model
-    try:
-        check_model_name(model)
-    except InvalidInput as e:
-        raise InvalidInput(f"routing policy: {e}") from None
+    _check_bounds(policy)
     if policy.empty:
         raise InvalidInput(f"routing policy for '{model}' is empty: give a split, shadow, "
                            "fallback or alias (or clear the policy)")
@@ -222,23 +288,7 @@ def _validate_alias(policy: Policy, own: ModelFacts | None, facts, aliases) -> P
                            f"high_latency_us {spec.high_latency_us}")
     if not math.isfinite(spec.min_dwell_s) or spec.min_dwell_s < 0:
         raise InvalidInput(f"alias '{model}': min_dwell_s must be >= 0, got {spec.min_dwell_s}")
-    # No cycles: follow alias targets from this one with it in place.
-    graph = {name: p.alias for name, p in aliases.items() if p.alias is not None}
-    graph[model] = spec
-    path: list[str] = []
-
-    def visit(name: str) -> None:
-        if name in path:
-            raise InvalidInput("alias cycle: " + " -> ".join([*path[path.index(name):], name]))
-        a = graph.get(name)
-        if a is None:
-            return
-        path.append(name)
-        visit(a.preferred.model)
-        visit(a.cheaper.model)
-        path.pop()
-
-    visit(model)
+    _no_alias_cycle(model, spec, aliases)
     return replace(policy, alias=replace(spec, low_queue_us=low_q, low_latency_us=low_l))
 
 

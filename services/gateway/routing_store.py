@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from meshserve.common import grpcutil
 from meshserve.common.backoff import Backoff
+from meshserve.common.logs import redact_url
 from meshserve.common.transport import Transport
 from meshserve.gateway.routing import AliasSpec, Policy, Target
 from meshserve.gateway.traffic import PolicyStore
@@ -131,7 +132,8 @@ class RedisPolicyStore(PolicyStore):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.synced.ready.wait(), self.start_wait_s)
         if not self.synced.ready.is_set():
-            log.warning("routing policies: Redis at %s not answering yet; watching on", self.url)
+            log.warning("routing policies: Redis at %s not answering yet; watching on",
+                        redact_url(self.url))
 
     async def put(self, policy: Policy) -> None:
         data = policy_to_pb(policy).SerializeToString()

@@ -208,18 +208,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         shed = self.shed
 
         async def one(request):
+            # The request's slot is released once its response is written (below): a
+            # client that never reads holds at most max_stream_concurrency of them here.
             try:
                 trace = stream_trace or (
                     tracing.new_context(True) if ratio and random.random() < ratio else None)
                 response = await self._infer(request, context.time_remaining(), key, trace)
-                await out.put(pb.ModelStreamInferResponse(infer_response=response))
+                out.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except errors.MeshError as e:
-                await out.put(_stream_error(request, str(e)))
+                out.put_nowait(_stream_error(request, str(e)))
             except Exception:
                 log.exception("stream inference failed")
-                await out.put(_stream_error(request, "internal error"))
+                out.put_nowait(_stream_error(request, "internal error"))
             finally:
-                slots.release()
                 if shed is not None:
                     shed.release()
 
@@ -227,7 +228,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             async for request in request_iterator:
                 await slots.acquire()
                 if shed is not None and (denied := shed.acquire()) is not None:
-                    slots.release()
                     out.put_nowait(protection.stream_error(request, denied))
                     continue
                 task = asyncio.create_task(one(request))
@@ -241,6 +241,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             while (item := await out.get()) is not None:
                 yield item
+                slots.release()
             await reader
         finally:
             reader.cancel()
@@ -276,8 +277,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @grpc_errors
     async def ModelConfig(self, request, context):
         name = self.gateway.target_name(request.name)  # an alias answers for its target
-        config, _version = self.gateway.catalog.resolve(name, request.version)
-        return pb.ModelConfigResponse(config=convert.model_config(config))
+        config, version = self.gateway.catalog.resolve(name, request.version)
+        graphs = await self.gateway.graph_buckets(name, version)
+        return pb.ModelConfigResponse(config=convert.model_config(config, graphs=graphs))
 
     @grpc_errors
     async def ModelStatistics(self, request, context):

@@ -38,6 +38,7 @@ from meshserve.gateway.routing import (
     Policy,
     ShadowGate,
     Target,
+    check_stored,
     choose,
     not_found_as_none,
     promote,
@@ -164,7 +165,21 @@ class Router:
         return validate(policy, not_found_as_none(self.facts), aliases)
 
     def apply(self, model: str, policy: Policy | None) -> None:
-        """A runtime policy changed (from the store): put it in force at once."""
+        """A runtime policy changed (from the store): put it in force at once. The store
+        is shared and writable by others, so its policies are checked like the API's
+        (names, sizes, alias cycles); one that fails leaves the model without a runtime
+        policy."""
+        if policy is not None:
+            try:
+                if policy.model != model:
+                    raise InvalidInput(f"stored under '{model}' but names '{policy.model}'")
+                aliases = {m: p for m, p in self.policies.items()
+                           if p.alias is not None and m != model}
+                check_stored(policy, aliases)
+            except InvalidInput as e:
+                log.warning("routing policy of %s from the store refused: %s", clip(model),
+                            clip(e))
+                policy = None
         if policy is None:
             self._runtime.pop(model, None)
         else:
@@ -260,6 +275,8 @@ class Router:
                           timeout_s=None if deadline is None else deadline - self.clock())
             route = policy.route_of(version) if i == 0 else "fallback"
             try:
+                if target.model != call.model:
+                    await self._charge(target.model)
                 # Served directly (version "": the default one): a fallback's own policy
                 # does not apply, so fallbacks never chain into loops.
                 if i == 0:
@@ -322,12 +339,23 @@ class Router:
             self.metrics.alias_switches.labels(policy.model, str(target)).inc()
         sub = replace(call, model=target.model, version=target.version or call.version)
         try:
+            await self._charge(target.model)
             return await self._timed(self.gateway.infer(sub), policy.model, str(target), "alias")
         except FALLBACK_ERRORS:
             if target != spec.preferred:
                 raise
             sub = replace(call, model=spec.cheaper.model, version=spec.cheaper.version or call.version)
+            await self._charge(spec.cheaper.model)
             return await self._timed(self.gateway.infer(sub), policy.model, str(spec.cheaper), "alias")
+
+    async def _charge(self, model: str) -> None:
+        """A request served by another model than it named (an alias target, a fallback)
+        takes a token from that model's rate limit too: Overloaded when it has none."""
+        protection = getattr(self.gateway, "protection", None)
+        if protection is not None:
+            denied = await protection.charge(model)
+            if denied is not None:
+                raise Overloaded(denied.message)
 
     # ------------------------------------------------------------------ shadows
 
@@ -336,13 +364,24 @@ class Router:
         if not self._gate.enter(policy.max_shadow_in_flight):
             self.metrics.shadow_dropped.labels(call.model).inc()
             return
-        task = asyncio.get_running_loop().create_task(self._shadow(call, version, primary))
+        # A shadow is a request like any other: a gateway concurrency slot and a token.
+        protection = getattr(self.gateway, "protection", None)
+        if protection is not None and protection.acquire() is not None:
+            self._gate.leave()
+            self.metrics.shadow_dropped.labels(call.model).inc()
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._shadow(call, version, primary, protection))
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)
 
-    async def _shadow(self, call: InferCall, version: str, primary: InferOutcome | None) -> None:
+    async def _shadow(self, call: InferCall, version: str, primary: InferOutcome | None,
+                      protection=None) -> None:
         """Fire and forget: measured (latency, errors, agreement), never answered."""
         try:
+            if protection is not None and await protection.charge(call.model) is not None:
+                self.metrics.shadow_dropped.labels(call.model).inc()
+                return
             sub = replace(call, version=version, use_cache=False)
             try:
                 outcome = await self._timed(self.gateway.infer_direct(sub), call.model, version,
@@ -365,6 +404,8 @@ class Router:
             log.exception("shadow request to %s:%s failed", clip(call.model), clip(version))
         finally:
             self._gate.leave()
+            if protection is not None:
+                protection.release()
 
     def _agreement(self, model: str, a: Sequence, b: Sequence) -> bool | None:
         """Classifiers: equal predictions (or argmax of logits/probabilities); else None."""

@@ -16,7 +16,7 @@ DEFAULT_METRICS_PORT = 8022
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     metrics_port: int = DEFAULT_METRICS_PORT
     port_file: str | None = None
@@ -69,7 +69,7 @@ def resolve_device(device: str, cuda_available: bool, cuda_count: int) -> str:
 
 def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
     flags = Flags("meshserve.model_worker", "Runs batches of a model on one device.", env)
-    flags.add("--host", str, "0.0.0.0", "address to bind")
+    flags.add("--host", str, "127.0.0.1", "address to bind (0.0.0.0: every interface)")
     flags.add("--port", int, DEFAULT_PORT, "gRPC port (0: ephemeral)")
     flags.add("--metrics-port", int, DEFAULT_METRICS_PORT, "Prometheus port (-1 off, 0 ephemeral)")
     flags.add("--port-file", str, None, "write the bound ports here as JSON once serving")

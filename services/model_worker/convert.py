@@ -47,6 +47,8 @@ def model_to_pb(m: ModelInfo) -> worker_pb2.LoadedModel:
         cuda_graphs=m.cuda_graphs, load_ns=m.load_ns, format=m.format, precision=m.precision,
         compile_mode=m.compile_mode, compiled=m.compiled, compile_ns=m.compile_ns,
         compile_error=m.compile_error,
+        graph_buckets=m.graph_buckets,
+        eager_buckets=[worker_pb2.EagerBucket(batch_size=b, reason=r) for b, r in m.eager_buckets],
     )
 
 

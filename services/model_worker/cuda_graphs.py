@@ -1,10 +1,21 @@
 """Runs a model's forward on fixed batch-size buckets.
 
 On CUDA (when enabled) each bucket is one CUDA graph captured on a side stream into
-static input/output buffers, every graph of a model sharing one memory pool. A batch of
-n rows is copied into the static input of the smallest bucket >= n (rows past n zeroed),
-the graph replayed, and the outputs' first n rows copied to pinned host buffers. Batches
-larger than the largest bucket run eagerly.
+static input/output buffers and its own memory pool. A batch of n rows is copied into
+the static input of the smallest bucket >= n (rows past n zeroed), the graph replayed,
+and the outputs' first n rows copied to pinned host buffers. Batches larger than the
+largest bucket run eagerly; so does a bucket whose capture failed (logged, and listed
+in `eager_buckets`), on its static buffers.
+
+Concurrency: a worker runs several batches at once (--max-in-flight). A graph's
+intermediates live in its pool and are overwritten by every replay, so two replays may
+never share a pool. One pool per bucket, with the bucket's lock held from filling its
+inputs to copying its outputs out, lets batches of different buckets run at once while
+two batches of one bucket take turns. The alternative, one pool for the model and one
+lock around every replay of it, saves the pools' memory (the sum of the buckets'
+intermediates instead of the largest: under 2x with power-of-two buckets) but runs one
+batch of a model at a time, so a single-model worker loses the overlap --max-in-flight
+exists for. bench/graph_locks.py measures both locking rules on this code.
 
 The same static-buffer path runs on CPU with `use_graphs=False` (the forward is called
 on the static inputs instead of replaying a graph), which is how the bucket choice,
@@ -14,12 +25,15 @@ padding, slicing and buffer reuse are tested without a GPU.
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+log = logging.getLogger(__name__)
 
 Forward = Callable[..., tuple[torch.Tensor, ...]]
 
@@ -54,7 +68,9 @@ class _Bucket:
     host: list[torch.Tensor] = field(default_factory=list)  # host outputs (pinned on CUDA)
     graph: torch.cuda.CUDAGraph | None = None
     stream: torch.cuda.Stream | None = None
-    # One batch at a time per bucket: its static buffers are shared.
+    pool: object = None  # the graph's private memory pool (CUDA)
+    eager_reason: str = ""  # why a bucket meant for a graph runs eagerly
+    # One batch at a time per bucket: its static buffers and its pool are shared.
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -87,16 +103,25 @@ class BucketRunner:
         self.graph_warmup_iters = graph_warmup_iters
         self._buckets: dict[int, _Bucket] = {}
         self._prepare_lock = threading.Lock()
-        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     # ------------------------------------------------------------------ warmup / capture
 
+    @property
+    def graph_buckets(self) -> tuple[int, ...]:
+        """Buckets that replay a CUDA graph."""
+        return tuple(sorted(s for s, b in self._buckets.items() if b.graph is not None))
+
+    @property
+    def eager_buckets(self) -> dict[int, str]:
+        """Buckets meant for a graph whose capture failed: {size: reason}."""
+        return {s: b.eager_reason for s, b in sorted(self._buckets.items()) if b.eager_reason}
+
     def warmup(self) -> list[tuple[int, int]]:
-        """Runs (and on CUDA captures) every bucket with zero inputs; graphs are captured
-        largest first so the shared pool is sized once. Returns [(bucket, ns)] ascending."""
+        """Runs (and on CUDA captures) every bucket with zero inputs.
+        Returns [(bucket, ns)] ascending."""
         timings = []
         with torch.inference_mode():
-            for size in sorted(self.buckets, reverse=self.use_graphs):
+            for size in sorted(self.buckets):
                 start = time.perf_counter_ns()
                 if self.static:
                     self._prepare(size)
@@ -112,7 +137,13 @@ class BucketRunner:
             if size not in self._buckets:
                 bucket = _Bucket(size, zero_inputs(self.specs, size, self.device))
                 if self.use_graphs:
-                    self._capture(bucket)
+                    try:
+                        self._capture(bucket)
+                    except Exception as e:  # noqa: BLE001 - this bucket then runs eagerly
+                        bucket.graph = bucket.stream = bucket.pool = None
+                        bucket.outputs, bucket.host = [], []
+                        bucket.eager_reason = f"capture failed: {type(e).__name__}: {e}"[:300]
+                        log.warning("batch size %d runs eagerly: %s", size, bucket.eager_reason)
                 self._buckets[size] = bucket
             return self._buckets[size]
 
@@ -125,10 +156,12 @@ class BucketRunner:
                     self.forward(*bucket.inputs)
             stream.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=stream,
+            pool = torch.cuda.graph_pool_handle()  # this bucket's own: see the module doc
+            with torch.cuda.graph(graph, pool=pool, stream=stream,
                                   capture_error_mode="thread_local"):
                 outputs = self.forward(*bucket.inputs)
-            bucket.graph, bucket.stream, bucket.outputs = graph, stream, list(outputs)
+            bucket.graph, bucket.stream, bucket.pool = graph, stream, pool
+            bucket.outputs = list(outputs)
             bucket.host = [
                 torch.empty(o.shape, dtype=o.dtype, device="cpu", pin_memory=True)
                 for o in outputs

@@ -5,7 +5,9 @@ size is measured once loaded and warmed, so the byte bound is checked then). A l
 would exceed a bound evicts the least recently used idle model (no batch in flight); when
 none can go, the load fails with Overloaded naming what holds the memory. Concurrent
 loads of one version share a single load. Unload waits for the model's in-flight batches
-(new batches are refused as soon as the unload starts).
+(new batches are refused as soon as the unload starts). Reload reads a loaded version's
+files again, warms them up, then swaps them in at once: batches already running finish
+on the previous files, the next batch runs on the new ones.
 
 All methods run on the event loop; loading runs in a thread.
 """
@@ -63,6 +65,8 @@ class ModelInfo:
     compiled: bool = False  # false with compile_mode set: fell back to eager
     compile_ns: int = 0  # compiling and warming every bucket
     compile_error: str = ""  # the compiler's message when it fell back
+    graph_buckets: tuple[int, ...] = ()  # batch sizes replaying a CUDA graph
+    eager_buckets: tuple[tuple[int, str], ...] = ()  # (size, why) where capture failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,8 @@ class LoadedModel:
     compiled: bool = False
     compile_ns: int = 0
     compile_error: str = ""
+    graph_buckets: tuple[int, ...] = ()
+    eager_buckets: tuple[tuple[int, str], ...] = ()
 
 
 def _check_outputs(config: ModelConfig, forward: Forward, specs, device: torch.device) -> None:
@@ -152,7 +158,8 @@ def load_model(
 
     if cuda:
         torch.cuda.synchronize(dev)
-    base = torch.cuda.memory_allocated(dev) if cuda else 0
+    # Graph pools stay reserved (not allocated) between replays: count both.
+    base = _device_bytes(dev) if cuda else (0, 0)
     compiled, compile_ns, compile_error = False, 0, ""
     if c is not None:
         t0 = time.perf_counter_ns()
@@ -176,13 +183,27 @@ def load_model(
     if not compiled:
         runner = runner_for(eager, False)
         warmup = warm(runner, False)
-    extra = max(0, torch.cuda.memory_allocated(dev) - base) if cuda else 0
+    extra = 0
+    if cuda:
+        torch.cuda.synchronize(dev)
+        extra = max(0, *(after - before for after, before in zip(_device_bytes(dev), base,
+                                                                  strict=True)))
+    eager_buckets = tuple(runner.eager_buckets.items())
+    if eager_buckets:
+        log.warning("%s: CUDA graphs for batch sizes %s, eager for %s", label,
+                    list(runner.graph_buckets), [s for s, _ in eager_buckets])
     return LoadedModel(
         config=config, version=version, runner=runner,
         byte_size=module_bytes(module) + extra, warmup=tuple(warmup),
-        cuda_graphs=runner.use_graphs, load_ns=time.perf_counter_ns() - start,
+        cuda_graphs=bool(runner.graph_buckets), load_ns=time.perf_counter_ns() - start,
         compiled=compiled, compile_ns=compile_ns, compile_error=compile_error,
+        graph_buckets=runner.graph_buckets, eager_buckets=eager_buckets,
     )
+
+
+def _device_bytes(dev: torch.device) -> tuple[int, int]:
+    """(allocated, reserved) bytes on a CUDA device; a graph's private pool is reserved."""
+    return torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
 
 
 Loader = Callable[[ModelConfig, Path, str, str, bool], LoadedModel]
@@ -195,6 +216,9 @@ class _Entry:
     byte_size: int  # 0 while loading, then the measured size
     model: LoadedModel | None = None
     in_flight: int = 0
+    # Batches in flight per model object (by id): after a reload swapped `model`, batches
+    # of the previous one still finish and release it.
+    running: dict[int, int] = field(default_factory=dict)
     unloading: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -211,6 +235,7 @@ class _Entry:
             self.name, self.version, READY, self.byte_size, m.warmup, m.cuda_graphs, m.load_ns,
             format=c.format, precision=c.precision, compile_mode=c.compile.mode if c.compile
             else "", compiled=m.compiled, compile_ns=m.compile_ns, compile_error=m.compile_error,
+            graph_buckets=m.graph_buckets, eager_buckets=m.eager_buckets,
         )
 
 
@@ -246,6 +271,7 @@ class ModelCache:
         self._metrics = metrics
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()  # LRU first
         self._loads: dict[tuple[str, str], asyncio.Task] = {}
+        self._reloads: dict[tuple[str, str], asyncio.Task] = {}
         self._default_versions: dict[str, str] = {}
 
     # --------------------------------------------------------------------------- status
@@ -279,12 +305,55 @@ class ModelCache:
             task.add_done_callback(lambda _: self._loads.pop(key, None))
         return await asyncio.shield(task)
 
-    async def _load(self, name: str, version: str) -> ModelInfo:
+    async def reload(self, name: str, version: str = "") -> ModelInfo:
+        """Loads a loaded version's files again and swaps them in once warmed up (loads it
+        when it is not loaded). Until the swap, and if the new files fail, the previous
+        ones keep serving. Concurrent reloads of one version share one."""
+        if not version:
+            version = self.repository.default_version(name)
+        key = (name, normalize_version(name, version))
+        entry = self._entries.get(key)
+        if entry is None or entry.model is None or entry.unloading:
+            return await self.load(*key)
+        task = self._reloads.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._reload(entry))
+            self._reloads[key] = task
+            task.add_done_callback(lambda _: self._reloads.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _reload(self, entry: _Entry) -> ModelInfo:
+        key = (entry.name, entry.version)
+        config, path = self._files(*key)
+        model = await asyncio.to_thread(
+            self._loader, config, path, entry.version, self.device, self.cuda_graphs
+        )
+        if self._entries.get(key) is not entry or entry.unloading:
+            raise NotFound(f"model {entry.label} was unloaded while it reloaded")
+        previous = entry.byte_size
+        entry.byte_size = model.byte_size
         try:
-            config = self.repository.config(name)
-            path = self.repository.model_file(name, version)
+            self._make_room(entry)
+        except BaseException:
+            entry.byte_size = previous
+            raise
+        entry.model = model  # one step on the event loop: the next acquire gets it
+        self._default_versions[entry.name] = self.repository.default_version(entry.name)
+        log.info("reloaded %s (%.1f MiB, %.0f ms, buckets %s)", entry.label,
+                 entry.byte_size / MiB, model.load_ns / 1e6, [b for b, _ in model.warmup])
+        if self._metrics is not None:
+            self._metrics.loaded(entry.name, entry.version, model.load_ns)
+        self._on_change()
+        return entry.info()
+
+    def _files(self, name: str, version: str) -> tuple[ModelConfig, Path]:
+        try:
+            return self.repository.config(name), self.repository.model_file(name, version)
         except ConfigError as e:
             raise InvalidInput(str(e)) from None
+
+    async def _load(self, name: str, version: str) -> ModelInfo:
+        config, path = self._files(name, version)
         # Being unloaded: wait until it is gone (its unload runs once it is idle).
         while (old := self._entries.get((name, version))) is not None:
             await old.idle.wait()
@@ -398,14 +467,22 @@ class ModelCache:
                                              else " (unloading)")
             raise NotFound(f"model {name} version {version} is not loaded on worker "
                            f"{worker_id}{why}")
+        model = entry.model
         entry.in_flight += 1
+        entry.running[id(model)] = entry.running.get(id(model), 0) + 1
         entry.idle.clear()
         self._entries.move_to_end(key)
-        return entry.model
+        return model
 
     def release(self, model: LoadedModel) -> None:
         entry = self._entries.get((model.config.name, model.version))
-        if entry is not None and entry.model is model:
-            entry.in_flight -= 1
-            if entry.in_flight == 0:
-                entry.idle.set()
+        count = None if entry is None else entry.running.get(id(model))
+        if count is None:  # not (or no longer) this entry's: unloaded meanwhile
+            return
+        if count > 1:
+            entry.running[id(model)] = count - 1
+        else:
+            del entry.running[id(model)]
+        entry.in_flight -= 1
+        if entry.in_flight == 0:
+            entry.idle.set()

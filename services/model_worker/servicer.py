@@ -52,7 +52,7 @@ class ModelWorkerServicer(worker_pb2_grpc.ModelWorkerServicer):
 
     @grpc_errors
     async def Load(self, request, context):
-        info = await self.worker.load(request.model, request.version)
+        info = await self.worker.load(request.model, request.version, request.reload)
         return worker_pb2.LoadResponse(model=convert.model_to_pb(info))
 
     @grpc_errors

@@ -119,7 +119,11 @@ class Worker:
 
     # -------------------------------------------------------------------------- models
 
-    async def load(self, name: str, version: str = "") -> ModelInfo:
+    async def load(self, name: str, version: str = "", reload: bool = False) -> ModelInfo:
+        """Loads a version (a no-op when loaded); reload: read its files again even when
+        loaded, and swap them in once warmed up."""
+        if reload:
+            return await self.cache.reload(name, version)
         return await self.cache.load(name, version)
 
     async def unload(self, name: str, version: str = "") -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from meshserve.common import transport
 from meshserve.common.errors import ConfigError
+from meshserve.common.logs import redact_url
 from meshserve.common.settings import Flags
 from meshserve.common.transport import PLAINTEXT, Transport
 from meshserve.tasks.records import QueueSettings
@@ -13,7 +14,7 @@ from meshserve.tasks.records import QueueSettings
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 8041  # grpc.health.v1 only
     metrics_port: int = 8042
     port_file: str | None = None
@@ -36,7 +37,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(f"--redis-url {self.redis_url!r}: a standalone runner needs Redis "
+            raise ConfigError(f"--redis-url {redact_url(self.redis_url)!r}: a standalone runner "
+                              "needs Redis "
                               "(redis://, rediss:// or unix://)")
         if not 0 <= self.port < 65536 or not -1 <= self.metrics_port < 65536:
             raise ConfigError("--port must be in 0..65535 and --metrics-port in -1..65535")
@@ -55,7 +57,7 @@ def from_args(argv: list[str] | None = None) -> Settings:
     d = Settings.__dataclass_fields__
     f = Flags("meshserve async-runner",
               "Runs async inference tasks from Redis Streams through the batcher (and cache).")
-    f.add("--host", str, "0.0.0.0", "address to bind (grpc.health.v1 only)")
+    f.add("--host", str, "127.0.0.1", "address to bind (grpc.health.v1 only; 0.0.0.0: every interface)")
     f.add("--port", int, 8041, "gRPC health port (0: any free port)")
     f.add("--metrics-port", int, 8042, "Prometheus port (-1: off)")
     f.add("--port-file", str, None, "write the bound ports here as JSON once serving")

@@ -12,6 +12,7 @@ from meshserve.batcher.client import BatcherClient
 from meshserve.cache.client import CacheClient
 from meshserve.common import grpcutil, metrics, tracing
 from meshserve.common.backoff import Backoff
+from meshserve.common.logs import redact_url
 from meshserve.common.repository import ModelRepository
 from meshserve.common.settings import write_port_file
 from meshserve.gateway.core import Gateway
@@ -55,7 +56,7 @@ class AsyncService:
                 await self.queue.start()
                 break
             except Exception as e:  # noqa: BLE001 - retried with a backoff
-                log.info("waiting for the task store at %s (%s)", self.redis_url, e)
+                log.info("waiting for the task store at %s (%s)", redact_url(self.redis_url), e)
                 await backoff.wait()
         for runner in self.runners:
             runner.start()
@@ -109,7 +110,8 @@ async def serve(settings: Settings) -> None:
     await service.start()
     await grpcutil.set_serving(health, [], True)
     write_port_file(settings.port_file, grpc=port, metrics=metrics_port)
-    log.info("async runner serving (redis %s, batcher %s, cache %s)", settings.redis_url,
+    log.info("async runner serving (redis %s, batcher %s, cache %s)",
+             redact_url(settings.redis_url),
              settings.batcher, settings.cache or "off")
     await grpcutil.wait_for_signal()
     await grpcutil.set_serving(health, [], False)

@@ -9,7 +9,13 @@ import numpy as np
 from meshserve.batcher.core import Batcher, BatcherOptions, Session
 from meshserve.batcher.records import BatchOutcome, RawTensor, raw_tensor
 from meshserve.batcher.workers import HeldModel, WorkerPool, WorkerReport
-from meshserve.common.errors import Cancelled, InvalidInput, NotFound, Unavailable
+from meshserve.common.errors import (
+    Cancelled,
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
 from meshserve.common.repository import ModelRepository
 
 KEY = ("digits", "2")
@@ -26,6 +32,9 @@ class FakeLink:
         self.gate.set()
         self.fail: list[Exception] = []
         self.batches: list = []
+        self.reloads: list = []
+        self.reload_error: Exception | None = None
+        self.unloads: list = []
 
     async def execute(self, batch) -> BatchOutcome:
         self.batches.append(batch)
@@ -39,11 +48,15 @@ class FakeLink:
         out = RawTensor("logits", x.datatype, x.shape, x.data)
         return BatchOutcome(None, (out,), 1000, batch.rows)
 
-    async def load(self, model, version):
-        raise AssertionError("no load expected")
+    async def load(self, model, version, reload=False):
+        if not reload:
+            raise AssertionError("no load expected")
+        self.reloads.append((model, version))
+        if self.reload_error is not None:
+            raise self.reload_error
 
     async def unload(self, model, version):
-        pass
+        self.unloads.append((model, version))
 
 
 def setup(models_dir, n_workers: int = 1):
@@ -192,5 +205,45 @@ def test_messages_are_acknowledged_and_withdrawn_requests_are_no_failures(models
         [stats] = batcher.statistics("digits", "2")
         assert stats.fail.count == 1  # 5 only
         assert stats.success.count == 4
+        await batcher.close()
+    asyncio.run(body())
+
+
+def test_loading_a_loaded_version_reloads_it_on_every_holder(models_dir):
+    async def body():
+        batcher, links = setup(models_dir, n_workers=2)
+        states = await batcher.load_model("digits", ["2"])
+        assert [(s.version, s.state, s.workers) for s in states] == [("2", "READY", ("w0", "w1"))]
+        assert [link.reloads for link in links] == [[KEY], [KEY]]
+        assert [link.unloads for link in links] == [[], []]
+        await batcher.close()
+    asyncio.run(body())
+
+
+def test_a_holder_whose_reload_failed_drops_the_version(models_dir):
+    async def body():
+        batcher, (w0, w1) = setup(models_dir, n_workers=2)
+        w1.reload_error = InvalidInput("model.pt: not a loadable TorchScript file")
+        await batcher.load_model("digits", ["2"])
+        # Every answer comes from the new files: w1 (still on the old ones) drops it.
+        assert (w0.unloads, w1.unloads) == ([], [KEY])
+        await batcher.close()
+    asyncio.run(body())
+
+
+def test_a_reload_failed_everywhere_is_failed_precondition_and_keeps_serving(models_dir):
+    async def body():
+        batcher, links = setup(models_dir, n_workers=2)
+        for link in links:
+            link.reload_error = InvalidInput("model.pt: not a loadable TorchScript file")
+        try:
+            await batcher.load_model("digits", ["2"])
+        except FailedPrecondition as e:
+            assert "previous files keep serving" in str(e) and "TorchScript" in str(e)
+        else:
+            raise AssertionError("no error")
+        assert [link.unloads for link in links] == [[], []]
+        r = batcher.submit(1, "digits", "2", row(5.0), [], 0, 0)
+        assert first_value(await asyncio.wait_for(r.future, 5)) == 5.0
         await batcher.close()
     asyncio.run(body())

@@ -34,6 +34,14 @@ def test_up_then_infer_then_ctrl_c(tmp_path):
         assert first.returncode == 0, first.stderr
         assert "version 2" in first.stdout and "cache_hit=False" in first.stdout
         assert "predictions int64 [1]:\n[8]" in first.stdout
+        # A client command starts fast: it never imports torch.
+        timed = subprocess.run([sys.executable, "-X", "importtime", *command[1:]],
+                               capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert timed.returncode == 0 and "[8]" in timed.stdout, timed.stderr[-2000:]
+        imported = [line.rsplit("|", 1)[-1].strip() for line in timed.stderr.splitlines()
+                    if line.startswith("import time:")]
+        assert "meshserve.client" in imported
+        assert not [m for m in imported if m.split(".")[0] == "torch"]
         for _ in range(50):  # the cache stores after answering
             again = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
             if "cache_hit=True" in again.stdout:

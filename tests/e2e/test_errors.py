@@ -140,6 +140,8 @@ def test_typo_in_a_config_is_a_client_error_naming_file_and_field(mesh):
     assert index[("typo", "")]["state"] == "UNAVAILABLE"
     assert "max_batch_sise" in index[("typo", "")]["reason"]
     assert index[("digits", "2")]["state"] == "READY"
+    assert index[("nofile", "")]["state"] == "UNAVAILABLE"
+    assert "needs the file 'model.pt'" in index[("nofile", "")]["reason"]
     assert client.infer("digits", [_input(2)]).as_numpy("predictions").shape == (2,)
     client.close()
 

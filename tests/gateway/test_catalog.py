@@ -89,3 +89,35 @@ def test_a_broken_config_answers_its_error_and_spoils_no_other_model(repo):
         catalog.get("nothing")
     with pytest.raises(InvalidInput):
         catalog.get("../etc")
+
+
+# --------------------------------------------------- CUDA graph buckets in ModelConfig
+
+
+def test_graph_and_eager_buckets_go_from_worker_reports_to_model_config(models_dir):
+    from meshserve.batcher.core import Batcher, BatcherOptions
+    from meshserve.batcher.workers import HeldModel, WorkerPool, WorkerReport
+    from meshserve.gateway import convert
+
+    class Link:
+        address = "w0"
+
+    pool = WorkerPool()
+    pool.add(Link(), max_in_flight=2)
+    held = HeldModel("digits", "2", "READY", 0, (1, 2, 4),
+                     ((8, "capture failed: RuntimeError: boom"),))
+    pool.update("w0", WorkerReport("w0", "cuda:0", (held,), 0, 0, 8, 0), connected=True)
+    batcher = Batcher(ModelRepository(models_dir), pool, BatcherOptions())
+    state = batcher.version_state(("digits", "2"))
+    assert state.state == "READY" and state.workers == ("w0",)
+    assert state.graph_buckets == (1, 2, 4) and state.eager_buckets == (8,)
+    assert state.reason == "w0 runs batch sizes 8 eagerly (capture failed: RuntimeError: boom)"
+
+    config = ModelRepository(models_dir).config("digits")
+    out = convert.model_config(config, graphs=(state.graph_buckets, state.eager_buckets))
+    assert out.optimization.cuda.graphs
+    assert out.parameters["cuda_graph_batch_sizes"].string_value == "1,2,4"
+    assert out.parameters["eager_batch_sizes"].string_value == "8"
+    cpu = convert.model_config(config, graphs=((), ()))
+    assert not cpu.optimization.cuda.graphs and not cpu.parameters
+    assert convert.model_config(config).optimization.cuda.graphs  # not loaded: as configured

@@ -147,3 +147,88 @@ def test_compute_threads_use_the_process_thread_count(models_dir):
     finally:
         torch.set_num_threads(before)
     assert counts == {1}
+
+
+# ------------------------------------------------------------------------------ reload
+
+
+def outputs_of(model, x):
+    (out,), _ = model.runner.run([x])
+    return out
+
+
+@run_async
+async def test_reload_swaps_in_the_new_files_and_running_batches_finish_on_the_old(repo,
+                                                                                   tmp_path):
+    import torch
+
+    x = torch.rand(2, 4)
+    cache = ModelCache(repo, "cpu", max_models=4)
+    await cache.load("a", "1")
+    running = cache.acquire("a", "1", "w")  # a batch in flight across the reload
+    new_net = save_mlp(tmp_path / "a" / "1" / "model.pth", seed=7)
+    info = await cache.reload("a", "1")
+    assert info.state == "READY" and names(cache) == ["a:1"]
+    swapped = cache.acquire("a", "1", "w")
+    assert swapped is not running
+    with torch.inference_mode():
+        assert torch.allclose(outputs_of(swapped, x), new_net(x))
+        assert not torch.allclose(outputs_of(running, x), new_net(x))
+    cache.release(swapped)
+    # The unload waits for the batch still running on the previous files.
+    unload = asyncio.ensure_future(cache.unload("a", "1"))
+    await asyncio.sleep(0.05)
+    assert not unload.done()
+    cache.release(running)
+    await asyncio.wait_for(unload, 10)
+    assert cache.models() == ()
+
+
+@run_async
+async def test_batches_run_on_the_previous_files_until_the_swap_and_reloads_share_one(repo):
+    calls = []
+    gate = threading.Event()
+
+    def loader(*args):
+        calls.append(args[2])
+        if len(calls) > 1:
+            gate.wait(10)
+        return load_model(*args)
+
+    cache = ModelCache(repo, "cpu", max_models=4, loader=loader)
+    await cache.load("a", "1")
+    before = cache.acquire("a", "1", "w")
+    cache.release(before)
+    first = asyncio.ensure_future(cache.reload("a", "1"))
+    second = asyncio.ensure_future(cache.reload("a", "01"))
+    await asyncio.sleep(0.05)
+    during = cache.acquire("a", "1", "w")
+    assert during is before and [m.state for m in cache.models()] == ["READY"]
+    cache.release(during)
+    gate.set()
+    await asyncio.gather(first, second)
+    assert calls == ["1", "1"]  # the load, then one reload for both callers
+    after = cache.acquire("a", "1", "w")
+    assert after is not before
+    cache.release(after)
+
+
+@run_async
+async def test_a_failed_reload_keeps_the_previous_files_serving(repo, tmp_path):
+    cache = ModelCache(repo, "cpu", max_models=4)
+    await cache.load("a", "1")
+    before = cache.acquire("a", "1", "w")
+    cache.release(before)
+    (tmp_path / "a" / "1" / "model.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(InvalidInput, match="model.pth"):
+        await cache.reload("a", "1")
+    again = cache.acquire("a", "1", "w")
+    assert again is before and [m.state for m in cache.models()] == ["READY"]
+    cache.release(again)
+
+
+@run_async
+async def test_reload_of_a_version_not_loaded_loads_it(repo):
+    cache = ModelCache(repo, "cpu", max_models=4)
+    info = await cache.reload("b", "2")
+    assert info.state == "READY" and names(cache) == ["b:2"]

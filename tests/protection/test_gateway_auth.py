@@ -77,14 +77,20 @@ def test_every_outcome_of_model_infer(gateway):
                   'reason="forbidden_model"') == 2
 
 
-def test_the_keys_default_priority_applies_when_the_request_sets_none(gateway):
+def test_the_keys_priority_applies_and_is_a_floor(gateway):
+    """No priority: the key's (5, out of range for digits: INVALID_ARGUMENT shows it
+    applied). A request asking for a higher one (1) than its key's gets the key's too."""
     a = gateway.address
     with pytest.raises(grpc.aio.AioRpcError) as e:
         run(call(a, "ModelInfer", infer_request(), bearer("key-prio")))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority 5" in e.value.details()
     request = infer_request()
     request.parameters["priority"].int64_param = 1
-    assert code_of(a, "ModelInfer", request, bearer("key-prio")) == grpc.StatusCode.OK
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        run(call(a, "ModelInfer", request, bearer("key-prio")))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority 5" in e.value.details()
+    request.parameters["priority"].int64_param = 2
+    assert code_of(a, "ModelInfer", request, bearer("key-digits")) == grpc.StatusCode.OK
 
 
 def test_stream_messages_are_checked_one_by_one(gateway):

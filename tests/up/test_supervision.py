@@ -105,3 +105,22 @@ def test_taken_port_is_one_line():
         assert local_mesh.taken_port([("127.0.0.1", port, "gateway, --port")]) == (
             f"port {port} on 127.0.0.1 (gateway, --port) is in use (another `meshserve up`?); "
             "nothing was started")
+
+
+def test_the_cause_of_a_stop_is_the_failure_not_the_exit_noise():
+    bug = ["2026-11-30 21:02:48,816 WARNING x: model worker disconnected",
+           "Traceback (most recent call last):", '  File "x.py", line 1, in f',
+           "AttributeError: 'HeldModel' object has no attribute 'x'",
+           "Exception ignored in: <function Server.__del__ at 0x7f>",
+           "Traceback (most recent call last):", '  File "y.py", line 2, in g',
+           "RuntimeError: Event loop is closed",
+           "sys:1: RuntimeWarning: coroutine 'AioServer.shutdown' was never awaited"]
+    assert local_mesh.stop_cause(bug) == "AttributeError: 'HeldModel' object has no attribute 'x'"
+    one_line = ["2026-11-30 21:02:35,108 CRITICAL meshserve.gateway: gateway cannot run: "
+                "RuntimeError: could not bind 127.0.0.1:8001", "sys:1: noise"]
+    assert local_mesh.stop_cause(one_line) == (
+        "CRITICAL meshserve.gateway: gateway cannot run: RuntimeError: could not bind "
+        "127.0.0.1:8001")
+    assert local_mesh.stop_cause(["2026-11-30 21:02:35,108 INFO x: last words", ""]) == (
+        "INFO x: last words")
+    assert local_mesh.stop_cause([]) == "no output"

@@ -140,18 +140,22 @@ class ModelStatesRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelVersionState(_message.Message):
-    __slots__ = ("model", "version", "state", "reason", "workers")
+    __slots__ = ("model", "version", "state", "reason", "workers", "graph_buckets", "eager_buckets")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    EAGER_BUCKETS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     state: str
     reason: str
     workers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ...) -> None: ...
+    graph_buckets: _containers.RepeatedScalarFieldContainer[int]
+    eager_buckets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ..., graph_buckets: _Optional[_Iterable[int]] = ..., eager_buckets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelStatesResponse(_message.Message):
     __slots__ = ("versions",)

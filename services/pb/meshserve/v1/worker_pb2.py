@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from meshserve.pb.meshserve.v1 import tensor_pb2 as meshserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x19meshserve/v1/worker.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/tensor.proto\"\x86\x01\n\x05\x42\x61tch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12$\n\x06inputs\x18\x04 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\x0f\n\x07outputs\x18\x05 \x03(\t\x12\x14\n\x0ctraceparents\x18\x06 \x03(\t\"6\n\x0e\x45xecuteRequest\x12$\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x13.meshserve.v1.Batch\"\x96\x01\n\x0b\x42\x61tchResult\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12%\n\x07outputs\x18\x04 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\x12\n\ncompute_ns\x18\x05 \x01(\x04\x12\x1b\n\x13\x65xecuted_batch_size\x18\x06 \x01(\r\"=\n\x0f\x45xecuteResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.meshserve.v1.BatchResult\"-\n\x0bLoadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"8\n\x0cLoadResponse\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.meshserve.v1.LoadedModel\"/\n\rUnloadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x10\n\x0eUnloadResponse\"\x0f\n\rStatusRequest\"5\n\x0c\x42ucketWarmup\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x11\n\twarmup_ns\x18\x02 \x01(\x04\"\x97\x02\n\x0bLoadedModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\x12*\n\x06warmup\x18\x05 \x03(\x0b\x32\x1a.meshserve.v1.BucketWarmup\x12\x13\n\x0b\x63uda_graphs\x18\x06 \x01(\x08\x12\x0f\n\x07load_ns\x18\x07 \x01(\x04\x12\x0e\n\x06\x66ormat\x18\x08 \x01(\t\x12\x11\n\tprecision\x18\t \x01(\t\x12\x14\n\x0c\x63ompile_mode\x18\n \x01(\t\x12\x10\n\x08\x63ompiled\x18\x0b \x01(\x08\x12\x12\n\ncompile_ns\x18\x0c \x01(\x04\x12\x15\n\rcompile_error\x18\r \x01(\t\"\xcc\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12)\n\x06models\x18\x03 \x03(\x0b\x32\x19.meshserve.v1.LoadedModel\x12\x19\n\x11memory_used_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12memory_limit_bytes\x18\x05 \x01(\x04\x12\x12\n\nmax_models\x18\x06 \x01(\r\x12\x11\n\tin_flight\x18\x07 \x01(\r\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x32\xf4\x02\n\x0bModelWorker\x12L\n\x07\x45xecute\x12\x1c.meshserve.v1.ExecuteRequest\x1a\x1d.meshserve.v1.ExecuteResponse\"\x00(\x01\x30\x01\x12?\n\x04Load\x12\x19.meshserve.v1.LoadRequest\x1a\x1a.meshserve.v1.LoadResponse\"\x00\x12\x45\n\x06Unload\x12\x1b.meshserve.v1.UnloadRequest\x1a\x1c.meshserve.v1.UnloadResponse\"\x00\x12\x43\n\x06Status\x12\x1b.meshserve.v1.StatusRequest\x1a\x1a.meshserve.v1.WorkerStatus\"\x00\x12J\n\x0bWatchStatus\x12\x1b.meshserve.v1.StatusRequest\x1a\x1a.meshserve.v1.WorkerStatus\"\x00\x30\x01\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x19meshserve/v1/worker.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/tensor.proto\"\x86\x01\n\x05\x42\x61tch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12$\n\x06inputs\x18\x04 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\x0f\n\x07outputs\x18\x05 \x03(\t\x12\x14\n\x0ctraceparents\x18\x06 \x03(\t\"6\n\x0e\x45xecuteRequest\x12$\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x13.meshserve.v1.Batch\"\x96\x01\n\x0b\x42\x61tchResult\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12%\n\x07outputs\x18\x04 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\x12\n\ncompute_ns\x18\x05 \x01(\x04\x12\x1b\n\x13\x65xecuted_batch_size\x18\x06 \x01(\r\"=\n\x0f\x45xecuteResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.meshserve.v1.BatchResult\"=\n\x0bLoadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reload\x18\x03 \x01(\x08\"8\n\x0cLoadResponse\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.meshserve.v1.LoadedModel\"/\n\rUnloadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x10\n\x0eUnloadResponse\"\x0f\n\rStatusRequest\"5\n\x0c\x42ucketWarmup\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x11\n\twarmup_ns\x18\x02 \x01(\x04\"\xe0\x02\n\x0bLoadedModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\x12*\n\x06warmup\x18\x05 \x03(\x0b\x32\x1a.meshserve.v1.BucketWarmup\x12\x13\n\x0b\x63uda_graphs\x18\x06 \x01(\x08\x12\x0f\n\x07load_ns\x18\x07 \x01(\x04\x12\x0e\n\x06\x66ormat\x18\x08 \x01(\t\x12\x11\n\tprecision\x18\t \x01(\t\x12\x14\n\x0c\x63ompile_mode\x18\n \x01(\t\x12\x10\n\x08\x63ompiled\x18\x0b \x01(\x08\x12\x12\n\ncompile_ns\x18\x0c \x01(\x04\x12\x15\n\rcompile_error\x18\r \x01(\t\x12\x15\n\rgraph_buckets\x18\x0e \x03(\r\x12\x30\n\reager_buckets\x18\x0f \x03(\x0b\x32\x19.meshserve.v1.EagerBucket\"1\n\x0b\x45\x61gerBucket\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xcc\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12)\n\x06models\x18\x03 \x03(\x0b\x32\x19.meshserve.v1.LoadedModel\x12\x19\n\x11memory_used_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12memory_limit_bytes\x18\x05 \x01(\x04\x12\x12\n\nmax_models\x18\x06 \x01(\r\x12\x11\n\tin_flight\x18\x07 \x01(\r\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x32\xf4\x02\n\x0bModelWorker\x12L\n\x07\x45xecute\x12\x1c.meshserve.v1.ExecuteRequest\x1a\x1d.meshserve.v1.ExecuteResponse\"\x00(\x01\x30\x01\x12?\n\x04Load\x12\x19.meshserve.v1.LoadRequest\x1a\x1a.meshserve.v1.LoadResponse\"\x00\x12\x45\n\x06Unload\x12\x1b.meshserve.v1.UnloadRequest\x1a\x1c.meshserve.v1.UnloadResponse\"\x00\x12\x43\n\x06Status\x12\x1b.meshserve.v1.StatusRequest\x1a\x1a.meshserve.v1.WorkerStatus\"\x00\x12J\n\x0bWatchStatus\x12\x1b.meshserve.v1.StatusRequest\x1a\x1a.meshserve.v1.WorkerStatus\"\x00\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,21 +42,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECUTERESPONSE']._serialized_start=416
   _globals['_EXECUTERESPONSE']._serialized_end=477
   _globals['_LOADREQUEST']._serialized_start=479
-  _globals['_LOADREQUEST']._serialized_end=524
-  _globals['_LOADRESPONSE']._serialized_start=526
-  _globals['_LOADRESPONSE']._serialized_end=582
-  _globals['_UNLOADREQUEST']._serialized_start=584
-  _globals['_UNLOADREQUEST']._serialized_end=631
-  _globals['_UNLOADRESPONSE']._serialized_start=633
-  _globals['_UNLOADRESPONSE']._serialized_end=649
-  _globals['_STATUSREQUEST']._serialized_start=651
-  _globals['_STATUSREQUEST']._serialized_end=666
-  _globals['_BUCKETWARMUP']._serialized_start=668
-  _globals['_BUCKETWARMUP']._serialized_end=721
-  _globals['_LOADEDMODEL']._serialized_start=724
-  _globals['_LOADEDMODEL']._serialized_end=1003
-  _globals['_WORKERSTATUS']._serialized_start=1006
-  _globals['_WORKERSTATUS']._serialized_end=1210
-  _globals['_MODELWORKER']._serialized_start=1213
-  _globals['_MODELWORKER']._serialized_end=1585
+  _globals['_LOADREQUEST']._serialized_end=540
+  _globals['_LOADRESPONSE']._serialized_start=542
+  _globals['_LOADRESPONSE']._serialized_end=598
+  _globals['_UNLOADREQUEST']._serialized_start=600
+  _globals['_UNLOADREQUEST']._serialized_end=647
+  _globals['_UNLOADRESPONSE']._serialized_start=649
+  _globals['_UNLOADRESPONSE']._serialized_end=665
+  _globals['_STATUSREQUEST']._serialized_start=667
+  _globals['_STATUSREQUEST']._serialized_end=682
+  _globals['_BUCKETWARMUP']._serialized_start=684
+  _globals['_BUCKETWARMUP']._serialized_end=737
+  _globals['_LOADEDMODEL']._serialized_start=740
+  _globals['_LOADEDMODEL']._serialized_end=1092
+  _globals['_EAGERBUCKET']._serialized_start=1094
+  _globals['_EAGERBUCKET']._serialized_end=1143
+  _globals['_WORKERSTATUS']._serialized_start=1146
+  _globals['_WORKERSTATUS']._serialized_end=1350
+  _globals['_MODELWORKER']._serialized_start=1353
+  _globals['_MODELWORKER']._serialized_end=1725
 # @@protoc_insertion_point(module_scope)

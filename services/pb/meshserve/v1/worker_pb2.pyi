@@ -52,12 +52,14 @@ class ExecuteResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[BatchResult, _Mapping]]] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model", "version")
+    __slots__ = ("model", "version", "reload")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    RELOAD_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    reload: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., reload: _Optional[bool] = ...) -> None: ...
 
 class LoadResponse(_message.Message):
     __slots__ = ("model",)
@@ -90,7 +92,7 @@ class BucketWarmup(_message.Message):
     def __init__(self, batch_size: _Optional[int] = ..., warmup_ns: _Optional[int] = ...) -> None: ...
 
 class LoadedModel(_message.Message):
-    __slots__ = ("model", "version", "state", "byte_size", "warmup", "cuda_graphs", "load_ns", "format", "precision", "compile_mode", "compiled", "compile_ns", "compile_error")
+    __slots__ = ("model", "version", "state", "byte_size", "warmup", "cuda_graphs", "load_ns", "format", "precision", "compile_mode", "compiled", "compile_ns", "compile_error", "graph_buckets", "eager_buckets")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +106,8 @@ class LoadedModel(_message.Message):
     COMPILED_FIELD_NUMBER: _ClassVar[int]
     COMPILE_NS_FIELD_NUMBER: _ClassVar[int]
     COMPILE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    EAGER_BUCKETS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     state: str
@@ -117,7 +121,17 @@ class LoadedModel(_message.Message):
     compiled: bool
     compile_ns: int
     compile_error: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., byte_size: _Optional[int] = ..., warmup: _Optional[_Iterable[_Union[BucketWarmup, _Mapping]]] = ..., cuda_graphs: _Optional[bool] = ..., load_ns: _Optional[int] = ..., format: _Optional[str] = ..., precision: _Optional[str] = ..., compile_mode: _Optional[str] = ..., compiled: _Optional[bool] = ..., compile_ns: _Optional[int] = ..., compile_error: _Optional[str] = ...) -> None: ...
+    graph_buckets: _containers.RepeatedScalarFieldContainer[int]
+    eager_buckets: _containers.RepeatedCompositeFieldContainer[EagerBucket]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., byte_size: _Optional[int] = ..., warmup: _Optional[_Iterable[_Union[BucketWarmup, _Mapping]]] = ..., cuda_graphs: _Optional[bool] = ..., load_ns: _Optional[int] = ..., format: _Optional[str] = ..., precision: _Optional[str] = ..., compile_mode: _Optional[str] = ..., compiled: _Optional[bool] = ..., compile_ns: _Optional[int] = ..., compile_error: _Optional[str] = ..., graph_buckets: _Optional[_Iterable[int]] = ..., eager_buckets: _Optional[_Iterable[_Union[EagerBucket, _Mapping]]] = ...) -> None: ...
+
+class EagerBucket(_message.Message):
+    __slots__ = ("batch_size", "reason")
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    batch_size: int
+    reason: str
+    def __init__(self, batch_size: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("worker_id", "device", "models", "memory_used_bytes", "memory_limit_bytes", "max_models", "in_flight", "draining")
