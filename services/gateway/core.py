@@ -247,7 +247,8 @@ class Gateway:
     def _validate(self, config: ModelConfig, inputs) -> int:
         """validate_inputs, remembered per config and input signature (names, datatypes,
         shapes, byte sizes: all it reads), so a model's usual request is checked once."""
-        signature = (id(config), *((t.name, t.datatype, t.shape, len(t.data)) for t in inputs))
+        signature = (id(config),
+                     *((t.name, t.datatype, tuple(t.shape), len(t.data)) for t in inputs))
         known = self._validated.get(signature)
         if known is not None and known[0] is config:  # the config it was checked against
             return known[1]
