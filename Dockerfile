@@ -92,7 +92,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     MESHSERVE_MODEL_REPOSITORY=/models
 USER 10001:10001
 # gRPC and metrics ports: gateway, batcher, model worker, cache.
-EXPOSE 8001 8002 8011 8012 8021 8022 8031 8032
+EXPOSE 8000 8001 8002 8011 8012 8021 8022 8031 8032
 # meshserve is PID 1: each service handles SIGTERM itself (NOT_SERVING, drain, exit), and it
 # starts no child processes, so no init process is needed.
 ENTRYPOINT ["meshserve"]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from bench import cpu_per_request
+from bench import rest as http_bench
 from bench.loadgen import Target, closed_loop, closed_loop_stream, make_request, open_loop
 from bench.models import CNN_INPUT, build_repository
 from meshserve.local_mesh import LocalMesh
@@ -304,7 +305,7 @@ async def run(args: argparse.Namespace) -> dict:
     log_path = tmp / "mesh.log"
     with open(log_path, "w") as mesh_log:
         mesh = LocalMesh(str(repo), ["cpu"], os.environ.get("REDIS_URL", ""), port=port,
-                         metrics_port=0, log_level="WARNING", log_file=mesh_log)
+                         metrics_port=0, log_level="WARNING", log_file=mesh_log, http_port=0)
         log(f"starting the mesh (logs: {log_path})")
         try:
             await mesh.start()
@@ -317,6 +318,7 @@ async def run(args: argparse.Namespace) -> dict:
                 results.update(await scenarios(mesh.gateway_address,
                                                f"127.0.0.1:{baseline_port}", repo,
                                                args.duration_s))
+                results["http"] = await http_bench.beside(mesh, args.duration_s, log)
         finally:
             await mesh.stop()
             for server in servers:

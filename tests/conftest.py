@@ -98,6 +98,8 @@ class ServiceProcess:
 
     def __init__(self, service: str, args: list[str], tmp: Path, env: dict | None = None):
         self.service = service
+        if service == "gateway" and "--http-port" not in args:
+            args = [*args, "--http-port", "0"]  # never the default 8000 in tests
         self.port_file = tmp / f"{service}-{time.monotonic_ns()}.ports.json"
         self.log_path = tmp / f"{service}-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115
@@ -123,6 +125,11 @@ class ServiceProcess:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.ports['grpc']}"
+
+    @property
+    def http_url(self) -> str:
+        """A gateway's HTTP address as tritonclient.http takes it (host:port)."""
+        return f"127.0.0.1:{self.ports['http']}"
 
     def output(self) -> str:
         self.log.flush()

@@ -25,7 +25,7 @@ ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
 
 
 def shape_key(request: Request) -> ShapeKey:
-    return tuple((t.datatype, t.shape[1:]) for t in request.inputs)
+    return tuple([(t.datatype, t.shape[1:]) for t in request.inputs])
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +107,9 @@ class BatchQueue:
         self.model, self.version, self.policy, self.now = model, version, policy, now
         self._levels: list[dict[ShapeKey, deque[Request]]] = [
             {} for _ in range(policy.priority_levels)]
-        # By identity: request ids come from each client and may repeat across clients.
-        self._queued: set[Request] = set()
+        # Queued requests and their shape keys, by identity (request ids come from each
+        # client and may repeat across clients).
+        self._queued: dict[Request, ShapeKey] = {}
         self._deadlines: list[tuple[float, int, Request]] = []
         self._rows = 0
         self._rows_by_key: dict[ShapeKey, int] = {}
@@ -155,9 +156,12 @@ class BatchQueue:
                 f"{len(self._queued)} requests queued, limit {self.policy.max_queue_size}"
             )
         request.seq = next(self._seq)
-        key = shape_key(request)
-        self._levels[request.level - 1].setdefault(key, deque()).append(request)
-        self._queued.add(request)
+        key = self._queued[request] = shape_key(request)
+        level = self._levels[request.level - 1]
+        group = level.get(key)
+        if group is None:
+            group = level[key] = deque()
+        group.append(request)
         self._rows += request.rows
         self._rows_by_key[key] = self._rows_by_key.get(key, 0) + request.rows
         if request.deadline_s is not None:
@@ -173,6 +177,19 @@ class BatchQueue:
         self._drop(request, Cancelled("request cancelled by its caller"))
         self.wake()
         return True
+
+    def set_policy(self, policy: BatchPolicy) -> None:
+        """A reloaded config. Queued requests stay, in order; those of a level past the new
+        number of levels join the lowest."""
+        if policy.priority_levels != self.policy.priority_levels:
+            levels: list[dict[ShapeKey, deque[Request]]] = [
+                {} for _ in range(policy.priority_levels)]
+            for r in sorted(self._queued, key=lambda r: r.seq):
+                r.level = min(r.level, policy.priority_levels)
+                levels[r.level - 1].setdefault(self._queued[r], deque()).append(r)
+            self._levels = levels
+        self.policy = policy
+        self.wake()
 
     def wake(self) -> None:
         """Something the policy depends on changed (a worker slot freed, a cancel)."""
@@ -193,14 +210,17 @@ class BatchQueue:
                     f"of model '{self.model}' version {self.version}"))
                 dropped += 1
         for level in self._levels:
-            for key, group in list(level.items()):
+            emptied = []
+            for key, group in level.items():
                 while group and group[0].done:
                     r = group.popleft()
                     self._forget(r)
                     self._drop(r, Cancelled("request cancelled by its caller"))
                     dropped += 1
                 if not group:
-                    del level[key]
+                    emptied.append(key)
+            for key in emptied:
+                del level[key]
         return dropped
 
     def next_deadline_s(self) -> float | None:
@@ -222,7 +242,7 @@ class BatchQueue:
             return None
         if idle:
             return 0.0
-        rows = self._rows_by_key[shape_key(self._head())]
+        rows = self._rows_by_key[self._queued[self._head()]]
         if rows >= self.plan(plan).target_rows or self.policy.max_batch_size == 0:
             return 0.0
         if plan is None and any(p <= rows for p in self.policy.preferred_batch_sizes):
@@ -240,7 +260,7 @@ class BatchQueue:
         self.purge()
         if not self._queued:
             return None
-        key = shape_key(self._head())
+        key = self._queued[self._head()]
         available = self._rows_by_key[key]
         limit = min(self.plan(plan).target_rows, self.policy.batch_rows)
         # An adaptive plan replaces the preferred sizes.
@@ -324,17 +344,16 @@ class BatchQueue:
         return min((g[0] for g in level.values()), key=lambda r: r.seq)
 
     def _remove(self, r: Request) -> None:
-        level, key = self._levels[r.level - 1], shape_key(r)
+        level, key = self._levels[r.level - 1], self._queued[r]
         level[key].remove(r)
         if not level[key]:
             del level[key]
         self._forget(r)
 
     def _forget(self, r: Request) -> None:
-        if r in self._queued:
-            self._queued.remove(r)
+        key = self._queued.pop(r, None)
+        if key is not None:
             self._rows -= r.rows
-            key = shape_key(r)
             left = self._rows_by_key[key] - r.rows
             if left:
                 self._rows_by_key[key] = left

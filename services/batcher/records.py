@@ -62,8 +62,9 @@ def join_rows(parts: list[RawTensor]) -> RawTensor:
     first = parts[0]
     if len(parts) == 1:
         return first
+    inner = first.shape[1:]
     for p in parts:
-        if p.shape[1:] != first.shape[1:] or p.datatype != first.datatype:
+        if p.shape[1:] != inner or p.datatype != first.datatype:
             # The queue batches by shape key; reaching this is a bug, never a mixed batch.
             raise Internal(
                 f"input '{first.name}': cannot join {first.datatype} {list(first.shape)} "

@@ -525,6 +525,8 @@ class ModelRepository:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: invalid JSON: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot be read: {e}") from None
         return parse_config(data, str(path), expected_name=name)
 
     def versions(self, name: str, config: ModelConfig | None = None) -> list[int]:

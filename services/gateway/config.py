@@ -15,6 +15,8 @@ from meshserve.common.transport import Transport
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8001
+    # The same API over HTTP/1.1 and JSON (Triton's port convention); -1: off.
+    http_port: int = 8000
     metrics_port: int = 8002
     port_file: str | None = None
     log_level: str = "INFO"
@@ -60,6 +62,8 @@ class Settings:
     def __post_init__(self):
         if not 0 <= self.port < 65536:
             raise ConfigError(f"--port: {self.port} is not a port")
+        if not -1 <= self.http_port < 65536:
+            raise ConfigError(f"--http-port: {self.http_port} is not a port (-1: off)")
         if self.max_message_mb < 1:
             raise ConfigError(f"--max-message-mb: must be >= 1, got {self.max_message_mb}")
         if self.l1_cache_mb < 0:
@@ -121,6 +125,8 @@ def from_args(argv: list[str] | None = None) -> Settings:
     f.add("--host", str, d.host, "address to bind (0.0.0.0: every interface; needs "
           "--api-keys-file or --insecure)")
     f.add("--port", int, d.port, "gRPC port (0: any free port)")
+    f.add("--http-port", int, d.http_port,
+          "HTTP/JSON port of the same v2 API (0: any free port, -1: off)")
     f.add("--metrics-port", int, d.metrics_port, "Prometheus port (-1: off)")
     f.add("--port-file", str, None, "write the bound ports here as JSON once serving")
     f.add("--log-level", str, d.log_level, "log level")

@@ -31,6 +31,57 @@ CONTENTS_FIELD = {
 }
 
 
+# What one request may carry: names and ids are echoed, logged and kept while it runs.
+MAX_ID_CHARS = 256
+MAX_NAME_CHARS = 128  # model, input and output names (model names: common.repository)
+MAX_VERSION_CHARS = 20
+MAX_TENSORS = 64  # inputs, and requested outputs
+MAX_DIMS = 16
+MAX_PARAMETERS = 32
+MAX_PARAMETER_KEY_CHARS = 64
+MAX_PARAMETER_VALUE_CHARS = 1024
+
+
+def _too_long(what: str, value: str, limit: int) -> InvalidInput:
+    return InvalidInput(f"{what} is {len(value)} characters long, at most {limit}: "
+                        f"{value[:40]!r}...")
+
+
+def _check_parameters(where: str, parameters: Mapping[str, pb.InferParameter]) -> None:
+    if len(parameters) > MAX_PARAMETERS:
+        raise InvalidInput(f"{where}: {len(parameters)} parameters, at most {MAX_PARAMETERS}")
+    for key, p in parameters.items():
+        if len(key) > MAX_PARAMETER_KEY_CHARS:
+            raise _too_long(f"{where}: a parameter name", key, MAX_PARAMETER_KEY_CHARS)
+        if p.WhichOneof("parameter_choice") == "string_param" \
+                and len(p.string_param) > MAX_PARAMETER_VALUE_CHARS:
+            raise _too_long(f"{where}: parameter '{key}'", p.string_param,
+                            MAX_PARAMETER_VALUE_CHARS)
+
+
+def check_bounds(request: pb.ModelInferRequest) -> None:
+    """Lengths and counts of everything a request names (INVALID_ARGUMENT past a bound),
+    before any of it is stored, echoed or logged."""
+    for what, value, limit in (("id", request.id, MAX_ID_CHARS),
+                               ("model_name", request.model_name, MAX_NAME_CHARS),
+                               ("model_version", request.model_version, MAX_VERSION_CHARS)):
+        if len(value) > limit:
+            raise _too_long(what, value, limit)
+    _check_parameters("request", request.parameters)
+    for kind, tensors in (("inputs", request.inputs), ("outputs", request.outputs)):
+        if len(tensors) > MAX_TENSORS:
+            raise InvalidInput(f"{len(tensors)} {kind}, at most {MAX_TENSORS}")
+        for t in tensors:
+            if len(t.name) > MAX_NAME_CHARS:
+                raise _too_long(f"the name of one of the {kind}", t.name, MAX_NAME_CHARS)
+            _check_parameters(f"{kind[:-1]} '{t.name}'", t.parameters)
+    for t in request.inputs:
+        if len(t.shape) > MAX_DIMS:
+            raise InvalidInput(f"input '{t.name}': {len(t.shape)} dimensions, at most {MAX_DIMS}")
+        if len(t.datatype) > MAX_NAME_CHARS:
+            raise _too_long(f"input '{t.name}': datatype", t.datatype, MAX_NAME_CHARS)
+
+
 def param_value(p: pb.InferParameter) -> object:
     kind = p.WhichOneof("parameter_choice")
     return getattr(p, kind) if kind else None

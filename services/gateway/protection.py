@@ -20,7 +20,7 @@ limit, applied by ONE server interceptor on the gateway's port.
   model's buckets (common.ratelimit), refused with RESOURCE_EXHAUSTED and `retry-after-ms`
   in the trailing metadata (and the message); ModelInfer and stream messages also count
   against --max-concurrent-requests (shed at once past it).
-- grpc.health.v1 and reflection stay open.
+- grpc.health.v1 stays open (probes); reflection needs a key (any scope).
 A refused stream message is answered on the stream (error_message, plus the parameter
 `retry_after_ms`); the stream goes on.
 """
@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from meshserve.common.auth import ADMIN, CALLER, INFER, ApiKey, KeyStore
 from meshserve.common.ratelimit import Bucket, LocalLimiter, RateLimit, RedisLimiter
+from meshserve.gateway.convert import MAX_ID_CHARS, MAX_NAME_CHARS
 from meshserve.pb.inference import grpc_service_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 INFERENCE = "/inference.GRPCInferenceService/"
 ASYNC = "/meshserve.v1.AsyncInference/"
 ROUTING = "/meshserve.v1.Routing/"
-OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+REFLECTION = "/grpc.reflection."
 # Responses and refusals of one ModelStreamInfer waiting to be written, at most.
 STREAM_BUFFER = 64
 
@@ -81,6 +83,8 @@ SCOPE_OF: dict[str, str] = {
 
 
 def scope_of(method: str) -> str:
+    if method.startswith(REFLECTION):
+        return INFER  # any valid key may read the API's description
     return SCOPE_OF.get(method, ADMIN)
 
 
@@ -251,7 +255,8 @@ class Protection:
 def stream_error(request: pb.ModelInferRequest, denied: Denied) -> pb.ModelStreamInferResponse:
     response = pb.ModelStreamInferResponse(
         error_message=denied.message,
-        infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
+        infer_response=pb.ModelInferResponse(model_name=request.model_name[:MAX_NAME_CHARS],
+                                             id=request.id[:MAX_ID_CHARS]))
     if denied.retry_after_ms is not None:
         response.infer_response.parameters["retry_after_ms"].int64_param = denied.retry_after_ms
     return response

@@ -11,10 +11,11 @@ from meshserve.batcher.client import BatcherClient
 from meshserve.cache.client import CacheClient
 from meshserve.common import grpcutil, hops, metrics, tracing
 from meshserve.common.backoff import Backoff
+from meshserve.common.control_store import GatewayControlStore, RedisControlStore
 from meshserve.common.grpcutil import MiB
 from meshserve.common.repository import ModelRepository
 from meshserve.common.settings import write_port_file
-from meshserve.gateway import protection, routing_servicer
+from meshserve.gateway import protection, rest, routing_servicer
 from meshserve.gateway.config import Settings
 from meshserve.gateway.core import Gateway
 from meshserve.gateway.l1 import L1Cache, L1Collector
@@ -30,7 +31,8 @@ SERVICES = [SERVICE, tasks_server.SERVICE, routing_servicer.SERVICE]
 
 
 async def create_server(settings: Settings, registry: CollectorRegistry | None = None):
-    """Returns (server, port, health, gateway); the caller starts and stops them."""
+    """Returns (server, port, health, gateway, rest server or None); the caller starts and
+    stops them. The HTTP listener calls the same servicer, through the same protection."""
     registry = registry or CollectorRegistry()
     transport = settings.transport  # TLS / mTLS and compression of the port and the channels
     batcher = BatcherClient(settings.batcher, transport=transport)
@@ -39,9 +41,12 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
     l1 = L1Cache(settings.l1_cache_mb * MiB) if cache is not None and settings.l1_cache_mb else None
     if l1 is not None:
         registry.register(L1Collector(l1))
+    # The cluster's model control: in Redis with --redis-url, else on every batcher.
+    control = (RedisControlStore(settings.redis_url) if settings.redis_url
+               else GatewayControlStore(settings.batcher, batcher.each, transport))
     gateway = Gateway(
         ModelRepository(settings.model_repository), batcher, cache,
-        cache_timeout_s=settings.cache_timeout_ms / 1000, l1=l1,
+        cache_timeout_s=settings.cache_timeout_ms / 1000, control=control, l1=l1,
     )
     hops.register(registry, lambda: [*batcher.hop_counts(),
                                      *(cache.hop_counts() if cache is not None else [])])
@@ -56,18 +61,24 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
         interceptors=[protection.ProtectionInterceptor(p)] if intercept else [],
         limits=settings.connection_limits(),
     )
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(gateway, GatewayMetrics(registry), settings.max_stream_concurrency,
-                          settings.trace_sample_ratio, shed=None if intercept else p),
-        server,
-    )
+    servicer = InferenceServicer(gateway, GatewayMetrics(registry),
+                                 settings.max_stream_concurrency, settings.trace_sample_ratio,
+                                 shed=None if intercept else p)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    http = None
+    if settings.http_port >= 0:
+        # The same protection as the gRPC port: the interceptor, or the servicer's shedding.
+        app, api = rest.create_app(servicer, p if intercept else None,
+                                   settings.max_message_mb * MiB)
+        http = rest.RestServer(app, api, settings.host, settings.http_port, settings.reuse_port,
+                               transport, settings.grace_s)
     # Async inference on the same port; gateway.tasks is its AsyncService.
     gateway.tasks = tasks_server.attach(server, gateway, registry, settings.redis_url,
                                         settings.async_runners, settings.queue_settings())
     # Traffic management on the same port; gateway.router applies the policies.
     routing_servicer.attach(server, gateway, registry, settings.redis_url, settings.batcher,
                             transport)
-    return server, port, health, gateway
+    return server, port, health, gateway, http
 
 
 async def _wait_for_batcher(gateway: Gateway) -> None:
@@ -81,24 +92,31 @@ async def _wait_for_batcher(gateway: Gateway) -> None:
 async def serve(settings: Settings) -> None:
     registry = CollectorRegistry()
     tracing.setup("meshserve-gateway", settings.transport.otlp_endpoint)
-    server, port, health, gateway = await create_server(settings, registry)
+    server, port, health, gateway, http = await create_server(settings, registry)
     await gateway.batcher.start()
     if gateway.cache is not None:
         await gateway.cache.start()
     metrics_port = metrics.serve(registry, settings.metrics_port, settings.host)
     await server.start()
-    log.info("gateway listening on %s:%d", settings.host, port)
+    http_port = await http.start() if http is not None else -1
+    log.info("gateway listening on %s:%d (HTTP %s)", settings.host, port,
+             http_port if http is not None else "off")
     await _wait_for_batcher(gateway)
+    await gateway.control.start(gateway.apply_control)
     await gateway.tasks.start()
     await gateway.router.start()
     await grpcutil.set_serving(health, SERVICES, True)
-    write_port_file(settings.port_file, grpc=port, metrics=metrics_port)
+    if http is not None:
+        http.api.serving = True
+    write_port_file(settings.port_file, grpc=port, http=http_port, metrics=metrics_port)
     log.info("gateway serving (batcher %s, cache %s)", settings.batcher, settings.cache or "off")
     await grpcutil.wait_for_signal()
     log.info("draining for up to %.1fs", settings.grace_s)
     await grpcutil.set_serving(health, SERVICES, False)
-    await asyncio.gather(server.stop(settings.grace_s), gateway.tasks.stop(settings.grace_s))
+    await asyncio.gather(server.stop(settings.grace_s), gateway.tasks.stop(settings.grace_s),
+                         *([http.stop()] if http is not None else []))
     await gateway.router.close()
+    await gateway.control.close()
     await gateway.protection.close()
     await gateway.batcher.close()
     if gateway.cache is not None:

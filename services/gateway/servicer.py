@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import socket
 import time
 
 import grpc
@@ -13,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from meshserve import __version__
 from meshserve.common import errors, tracing
+from meshserve.common.auth import ADMIN, CALLER
 from meshserve.common.grpcutil import grpc_errors, status_of
 from meshserve.gateway import convert, protection
 from meshserve.gateway.core import Gateway, InferCall, InferOutcome
@@ -29,6 +32,8 @@ EXTENSIONS = [
     "parameters",
     "response_cache",
 ]
+# Names this gateway where an answer covers it alone (ModelStatistics' cache counts).
+GATEWAY_ID = f"{socket.gethostname()}/{os.getpid()}"
 UNSUPPORTED_SHM = "shared memory is not supported by meshserve: send tensors in raw_input_contents"
 
 
@@ -62,6 +67,7 @@ def to_call(request: pb.ModelInferRequest, time_remaining: float | None,
             route_key: str = "") -> InferCall:
     """Honoured parameters: priority, timeout, cache; sequence_* are refused; any other
     parameter is ignored (Triton hands them to the backend; our models take none)."""
+    convert.check_bounds(request)
     params = convert.params(request.parameters)
     for key in SEQUENCE_PARAMETERS:
         if key in params:
@@ -283,7 +289,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ModelStatistics(self, request, context):
-        stats = await self.gateway.statistics(request.name, request.version)
+        stats, batchers = await self.gateway.statistics(request.name, request.version)
+        # Say what the numbers cover: inference counts are summed over these batchers; the
+        # cache counts are this gateway's own (each gateway counts its cache lookups).
+        context.set_trailing_metadata((
+            ("meshserve-statistics-batchers", ",".join(batchers)),
+            ("meshserve-statistics-cache", f"this gateway only ({GATEWAY_ID})"),
+        ))
         return pb.ModelStatisticsResponse(
             model_stats=[convert.model_statistics(*s) for s in stats]
         )
@@ -291,6 +303,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @grpc_errors
     async def RepositoryIndex(self, request, context):
         rows = await self.gateway.index(request.ready)
+        key = CALLER.get()
+        if key is not None:  # only the caller's models; file paths for admins only
+            root = str(self.gateway.repository.root)
+            rows = [(n, v, s, r if key.has(ADMIN) else r.replace(root, "<repository>"))
+                    for n, v, s, r in rows if key.allows(n)]
         return pb.RepositoryIndexResponse(models=[
             pb.RepositoryIndexResponse.ModelIndex(name=n, version=v, state=s, reason=r)
             for n, v, s, r in rows
@@ -335,7 +352,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
     return pb.ModelStreamInferResponse(
         error_message=message,
-        infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name[:convert.MAX_NAME_CHARS],
+            id=request.id[:convert.MAX_ID_CHARS]),
     )
 
 

@@ -23,7 +23,10 @@ from pathlib import Path, PurePosixPath
 import torch
 from torch import nn
 
+from meshserve.common.datatypes import datatype
 from meshserve.common.errors import FailedPrecondition, InvalidInput
+from meshserve.common.repository import ModelConfig
+from meshserve.model_worker.cuda_graphs import InputSpec, zero_inputs
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +104,13 @@ def check_export_archive(data: bytes, path: Path) -> None:
                 refuse("its sample inputs (not plain tensors)")
 
 
-def read_torch_export(path: Path, device: torch.device) -> nn.Module:
-    """An ExportedProgram (torch.export.save) as a module on `device`."""
+def read_torch_export(path: Path, device: torch.device, config: ModelConfig) -> nn.Module:
+    """An ExportedProgram (torch.export.save) as a module on `device`.
+
+    The module checks its inputs against the exported shapes in Python hooks, most of the
+    cost of a small model's call. They run here, on the smallest and largest batch the
+    config allows, and are then removed: every served batch has been validated against
+    the config already."""
     data = path.read_bytes()
     check_export_archive(data, path)
     try:
@@ -116,7 +124,23 @@ def read_torch_export(path: Path, device: torch.device) -> nn.Module:
         from torch.export.passes import move_to_device_pass
 
         program = move_to_device_pass(program, device)
-    return program.module()
+    module = program.module(check_guards=False)
+    specs = [InputSpec(s.name, datatype(s.datatype).torch, s.dims) for s in config.inputs]
+    for rows in sorted({1, max(config.max_batch_size, 1)}):
+        inputs = zero_inputs(specs, rows, device)
+        if config.max_batch_size == 0:
+            inputs = [x[0] for x in inputs]
+        try:
+            with torch.inference_mode():
+                module(*inputs)
+        except Exception as e:  # noqa: BLE001 - the program's own input checks
+            shapes = ", ".join(f"{s.name} {s.datatype} {list(x.shape)}"
+                               for s, x in zip(config.inputs, inputs, strict=True))
+            raise InvalidInput(f"{path}: the exported program refuses inputs the config "
+                               f"declares ({shapes}): {str(e)[:1000]}") from None
+    module._forward_pre_hooks.clear()
+    module._forward_hooks.clear()
+    return module
 
 
 def _devices(program) -> set[str]:

@@ -30,7 +30,7 @@ def load_network(config: ModelConfig, path: Path, device: torch.device) -> nn.Mo
     elif config.format == "mlp_checkpoint":
         module = build_mlp(read_checkpoint(path), path).to(device)
     elif config.format == "torch_export":
-        return read_torch_export(path, device)  # exported in eval mode, no eval() to call
+        return read_torch_export(path, device, config)  # exported in eval mode, no eval() to call
     elif config.format == "aot_inductor":
         return read_aot_inductor(path, device)
     else:  # parse_config already refuses other formats

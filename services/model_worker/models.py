@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -123,10 +124,24 @@ def _probe(config: ModelConfig, forward: Forward, specs, dev: torch.device, wher
                            f"{compiler_message(e)}") from None
 
 
+# torch.export, dynamo and inductor import their modules lazily, and two threads doing
+# that at once fail on partially initialized modules: loads that use them run one at a time.
+_COMPILER_STACK = threading.Lock()
+
+
 def load_model(
     config: ModelConfig, path: Path, version: str, device: str, cuda_graphs: bool
 ) -> LoadedModel:
     """Loads, casts, compiles and warms one version (blocking: run it in a thread)."""
+    if config.format in ("torch_export", "aot_inductor") or config.compile is not None:
+        with _COMPILER_STACK:
+            return _load_model(config, path, version, device, cuda_graphs)
+    return _load_model(config, path, version, device, cuda_graphs)
+
+
+def _load_model(
+    config: ModelConfig, path: Path, version: str, device: str, cuda_graphs: bool
+) -> LoadedModel:
     start = time.perf_counter_ns()
     dev = torch.device(device)
     cuda = dev.type == "cuda"

@@ -34,6 +34,8 @@ class FakeLink:
         self.batches: list = []
         self.reloads: list = []
         self.reload_error: Exception | None = None
+        self.reload_failing = {"1", "2"}  # versions the reload_error applies to
+        self.reload_gates: dict[str, asyncio.Event] = {}
         self.unloads: list = []
 
     async def execute(self, batch) -> BatchOutcome:
@@ -52,7 +54,8 @@ class FakeLink:
         if not reload:
             raise AssertionError("no load expected")
         self.reloads.append((model, version))
-        if self.reload_error is not None:
+        await self.reload_gates.get(version, self.gate).wait()
+        if self.reload_error is not None and version in self.reload_failing:
             raise self.reload_error
 
     async def unload(self, model, version):
@@ -245,5 +248,57 @@ def test_a_reload_failed_everywhere_is_failed_precondition_and_keeps_serving(mod
         assert [link.unloads for link in links] == [[], []]
         r = batcher.submit(1, "digits", "2", row(5.0), [], 0, 0)
         assert first_value(await asyncio.wait_for(r.future, 5)) == 5.0
+        await batcher.close()
+    asyncio.run(body())
+
+
+def test_a_failed_version_is_raised_only_once_every_version_swapped(models_dir):
+    async def body():
+        batcher, [link] = setup(models_dir)
+        both = (HeldModel("digits", "1", "READY"), HeldModel("digits", "2", "READY"))
+        batcher.pool.update(link.address, WorkerReport("w", "cpu", both, 0, 0, 8, 0),
+                            connected=True)
+        link.reload_error = InvalidInput("model.pt: not a loadable TorchScript file")
+        link.reload_failing = {"2"}
+        link.reload_gates["1"] = asyncio.Event()  # version 1 is still warming up
+        load = asyncio.ensure_future(batcher.load_model("digits", ["1", "2"]))
+        while len(link.reloads) < 2:
+            await asyncio.sleep(0)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not load.done()  # version 2 failed, but version 1 has not swapped yet
+        link.reload_gates["1"].set()
+        try:
+            await asyncio.wait_for(load, 5)
+        except FailedPrecondition as e:
+            assert "version 2" in str(e)
+        else:
+            raise AssertionError("no error")
+        await batcher.close()
+    asyncio.run(body())
+
+
+def test_a_reload_gives_the_queue_the_new_config(models_dir, tmp_path):
+    import json
+    import shutil
+
+    async def body():
+        shutil.copytree(models_dir / "digits", tmp_path / "digits")
+        batcher, [link] = setup(tmp_path)
+        link.gate.clear()
+        queued = [batcher.submit(i, "digits", "2", row(i), [], 0, 0) for i in (1, 2)]
+        path = tmp_path / "digits" / "config.json"
+        config = json.loads(path.read_text())
+        config["batching"]["priority_levels"] = 3
+        config["batching"]["max_queue_delay_us"] = 7000
+        path.write_text(json.dumps(config))
+        link.gate.set()
+        await batcher.load_model("digits", ["2"])
+        mq = batcher._queues[KEY]
+        assert mq.config.batching.priority_levels == 3
+        assert mq.queue.policy.max_queue_delay_us == 7000
+        r = batcher.submit(3, "digits", "2", row(3.0), [], 3, 0)  # a level the old one lacked
+        results = await asyncio.wait_for(asyncio.gather(*(q.future for q in [*queued, r])), 5)
+        assert [first_value(x) for x in results] == [1.0, 2.0, 3.0]
         await batcher.close()
     asyncio.run(body())

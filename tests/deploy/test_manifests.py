@@ -42,7 +42,10 @@ EXPECTED_KINDS = {
     "cpu": BASE_KINDS,
     "gpu": BASE_KINDS,
     "all": {**BASE_KINDS, "PersistentVolumeClaim": 0, "HorizontalPodAutoscaler": 2,
-            "ServiceMonitor": 4},
+            "ServiceMonitor": 4,
+            # components/async-runner: its Deployment, ConfigMap, ServiceAccount, PDB, policy
+            "Deployment": 5, "ConfigMap": 6, "ServiceAccount": 6, "PodDisruptionBudget": 5,
+            "NetworkPolicy": 7},
 }
 
 
@@ -149,7 +152,8 @@ def test_every_deployment_has_grpc_probes_and_drains_in_time(rendered, target):
         deployment = get(rendered, target, "Deployment", f"meshserve-{tier}")
         container = main_container(deployment)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"grpc": GRPC_PORTS[tier], "metrics": METRICS_PORTS[tier]}
+        http = {"http": 8000} if tier == "gateway" else {}  # the same API over HTTP/JSON
+        assert ports == {"grpc": GRPC_PORTS[tier], **http, "metrics": METRICS_PORTS[tier]}
         assert container["args"] == [tier]
         # readiness is grpc.health.v1 on the gRPC port: NOT_SERVING (start-up, drain)
         # takes the pod out of its Service at once
@@ -158,8 +162,11 @@ def test_every_deployment_has_grpc_probes_and_drains_in_time(rendered, target):
             spec = container[probe]
             # grpc.health.v1 where a tier's health does not follow another tier's; else the
             # listener only (a worker outage must not restart gateways and batchers)
+            # (the gateway's liveness: its event loop answers HTTP, /v2/health/live)
             assert (spec.get("grpc", {}).get("port") == GRPC_PORTS[tier]
-                    or spec.get("tcpSocket", {}).get("port") in ("grpc", GRPC_PORTS[tier])), \
+                    or spec.get("tcpSocket", {}).get("port") in ("grpc", GRPC_PORTS[tier])
+                    or (tier, probe) == ("gateway", "livenessProbe")
+                    and spec["httpGet"] == {"path": "/v2/health/live", "port": "http"}), \
                 f"{tier} {probe}"
         if tier in ("worker", "cache"):
             assert container["livenessProbe"]["grpc"]["port"] == GRPC_PORTS[tier]
@@ -201,7 +208,8 @@ def test_services_name_their_ports_and_select_their_pods(rendered, target):
     for tier in (*TIERS, "redis"):
         service = get(rendered, target, "Service", f"meshserve-{tier}")
         names = {p["name"] for p in service["spec"]["ports"]}
-        assert names == ({"redis"} if tier == "redis" else {"grpc", "metrics"})
+        assert names == ({"redis"} if tier == "redis" else {"grpc", "metrics"}
+                         | ({"http"} if tier == "gateway" else set()))
         kind = "StatefulSet" if tier == "redis" else "Deployment"
         pods = get(rendered, target, kind, f"meshserve-{tier}")["spec"]["template"]
         labels = pods["metadata"]["labels"]
@@ -238,6 +246,32 @@ def test_clients_use_dns_targets_of_headless_services(rendered, target):
         assert settings(rendered, target, tier)["MESHSERVE_MODEL_REPOSITORY"] == "/models"
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_gateways_and_batchers_share_the_caches_redis(rendered, target):
+    """Durable async tasks, shared routing policies and rate limits (gateways) and the
+    cluster's model control (gateways and batchers) in the Redis the cache uses."""
+    redis_url = settings(rendered, target, "cache")["MESHSERVE_REDIS_URL"]
+    for tier in ("gateway", "batcher"):
+        assert settings(rendered, target, tier)["MESHSERVE_REDIS_URL"] == redis_url, tier
+
+
+def test_async_runner_component(rendered):
+    runner = get(rendered, "all", "Deployment", "meshserve-async-runner")
+    container = main_container(runner)
+    assert container["args"] == ["async-runner"]
+    env = settings(rendered, "all", "async-runner")
+    assert env["MESHSERVE_REDIS_URL"] == settings(rendered, "all", "cache")["MESHSERVE_REDIS_URL"]
+    assert env["MESHSERVE_BATCHER"] == settings(rendered, "all", "gateway")["MESHSERVE_BATCHER"]
+    assert env["MESHSERVE_CACHE"] == settings(rendered, "all", "gateway")["MESHSERVE_CACHE"]
+    # the gateways only queue tasks then; the runners run them
+    assert settings(rendered, "all", "gateway")["MESHSERVE_ASYNC_RUNNERS"] == "0"
+    assert "MESHSERVE_ASYNC_RUNNERS" not in settings(rendered, "gpu", "gateway")
+    assert container["readinessProbe"]["grpc"]["port"] == 8041
+    assert {p["containerPort"] for p in container["ports"]} == {8041, 8042}
+    # models-from-image reaches the runner too (no claim left to mount)
+    assert not [v for v in pod_spec(runner)["volumes"] if "persistentVolumeClaim" in v]
+
+
 def _allowed(policies: list[dict], tier: str, port: int) -> set[str]:
     """Who may reach `port` of `tier` pods: "any", "pod:<name>" or "namespace:<name>"."""
     sources: set[str] = set()
@@ -267,12 +301,21 @@ def test_network_policies_deny_by_default_and_allow_each_tier_its_callers(render
     deny = [p for p in policies if p["spec"]["podSelector"] == {}]
     assert len(deny) == 1 and deny[0]["spec"]["policyTypes"] == ["Ingress"]
     assert "ingress" not in deny[0]["spec"]
-    callers = {"gateway": "any", "batcher": "pod:meshserve-gateway",
-               "worker": "pod:meshserve-batcher", "cache": "pod:meshserve-gateway"}
+    # components/async-runner: the runners call batchers, caches and Redis like a gateway
+    runner = {"pod:meshserve-async-runner"} if target == "all" else set()
+    callers = {"gateway": {"any"}, "batcher": {"pod:meshserve-gateway", *runner},
+               "worker": {"pod:meshserve-batcher"}, "cache": {"pod:meshserve-gateway", *runner}}
     for tier, caller in callers.items():
-        assert _allowed(policies, tier, GRPC_PORTS[tier]) == {caller}, tier
+        assert _allowed(policies, tier, GRPC_PORTS[tier]) == caller, tier
         assert _allowed(policies, tier, METRICS_PORTS[tier]) == {"namespace:monitoring"}, tier
-    assert _allowed(policies, "redis", 6379) == {"pod:meshserve-cache"}
+    assert _allowed(policies, "gateway", 8000) == {"any"}  # HTTP/JSON, like gRPC
+    # Redis: the cache's entries; the gateways' tasks, policies, rate limits, model control;
+    # the batchers' model control
+    assert _allowed(policies, "redis", 6379) == {
+        "pod:meshserve-cache", "pod:meshserve-gateway", "pod:meshserve-batcher", *runner}
+    if runner:
+        assert _allowed(policies, "async-runner", 8041) == set()  # nothing calls it
+        assert _allowed(policies, "async-runner", 8042) == {"namespace:monitoring"}
     # every tier has a policy of its own
     selected = {p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name")
                 for p in policies}
@@ -346,7 +389,7 @@ def test_service_monitors_scrape_every_metrics_port(rendered):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_redis_is_a_bounded_lru_cache_without_persistence(rendered, target):
+def test_redis_is_bounded_evicts_only_expiring_keys_and_has_no_persistence(rendered, target):
     redis = get(rendered, target, "StatefulSet", "meshserve-redis")
     container = main_container(redis)
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -356,7 +399,8 @@ def test_redis_is_a_bounded_lru_cache_without_persistence(rendered, target):
     assert conf_path == f"{mounts['config']}/redis.conf"
     conf = dict(line.split(None, 1) for line in config_map["data"]["redis.conf"].splitlines()
                 if line.strip() and not line.startswith("#"))
-    assert conf["maxmemory-policy"] == "allkeys-lru"
+    # Only keys with a TTL are evicted (cache entries); shared state without one stays.
+    assert conf["maxmemory-policy"] == "volatile-lru"
     maxmemory_mib = int(conf["maxmemory"].removesuffix("mb"))
     limit_mib = int(container["resources"]["limits"]["memory"].removesuffix("Mi"))
     assert maxmemory_mib < limit_mib  # room for Redis's own overhead

@@ -15,10 +15,11 @@ MESHSERVE = [sys.executable, "-m", "meshserve.cli"]
 
 
 def test_up_then_infer_then_ctrl_c(tmp_path):
-    port = free_port()
+    port, http_port = free_port(), free_port()
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     up = subprocess.Popen(
-        [*MESHSERVE, "up", "--port", str(port), "--metrics-port", "-1", "--devices", "cpu"],
+        [*MESHSERVE, "up", "--port", str(port), "--metrics-port", "-1", "--devices", "cpu",
+         "--http-port", str(http_port)],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         env={k: v for k, v in os.environ.items() if k != "REDIS_URL"},
     )
@@ -51,6 +52,12 @@ def test_up_then_infer_then_ctrl_c(tmp_path):
                               "--input", "[1, 2]"], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1
         assert "INVALID_ARGUMENT: input 'input': shape [1, 2], expected [-1, 64]" in bad.stderr
+        # the curl example it prints works
+        [curl] = [line.split("http: ", 1)[1] for line in
+                  (tmp_path / "up.log").read_text().splitlines() if "http: curl" in line]
+        assert f":{http_port}/" in curl
+        metadata = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=60)
+        assert '"name": "digits"' in metadata.stdout, metadata
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(timeout=60)

@@ -121,3 +121,12 @@ def test_graph_and_eager_buckets_go_from_worker_reports_to_model_config(models_d
     cpu = convert.model_config(config, graphs=((), ()))
     assert not cpu.optimization.cuda.graphs and not cpu.parameters
     assert convert.model_config(config).optimization.cuda.graphs  # not loaded: as configured
+
+
+def test_an_unreadable_or_non_utf8_config_is_a_config_error(repo):
+    (repo / "binary").mkdir()
+    (repo / "binary" / "config.json").write_bytes(b"\xff\xfe{}")
+    catalog = Catalog(ModelRepository(repo), ttl_s=3600)
+    with pytest.raises(ConfigError, match=r"binary/config.json: cannot be read"):
+        catalog.get("binary")
+    assert catalog.resolve("digits", "1")[1] == "1"

@@ -12,6 +12,8 @@ import importlib.util
 import io
 import json
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -324,3 +326,46 @@ def test_cuda_aot_inductor_package(repo, digits, loaded, tmp_path):
     assert (logits_of(model, digits) - logits_of(loaded("digits_ts"), digits)).abs().max() < 1e-3
     with pytest.raises(FailedPrecondition, match="compiled for cuda, this worker runs on cpu"):
         load()
+
+
+def test_config_that_the_exported_program_refuses_is_a_load_error(repo):
+    config = json.loads((repo / "digits_export" / "config.json").read_text())
+    config["inputs"][0]["dims"] = [32]
+    path, load = _load(repo, "narrow", "torch_export", repo / "digits_export/1/model.pt2")
+    (repo / "narrow" / "config.json").write_text(json.dumps({**config, "name": "narrow"}))
+    with pytest.raises(InvalidInput) as err:
+        load()
+    assert str(err.value).startswith(f"model 'narrow' version 1: {path}: the exported program "
+                                     "refuses inputs the config declares (input FP32 [1, 32])")
+
+
+FIRST_LOADS = """
+import sys, threading
+from meshserve.common.repository import ModelRepository
+from meshserve.model_worker.models import load_model
+
+repo, errors = ModelRepository(sys.argv[1]), []
+
+def load(name):
+    try:
+        load_model(repo.config(name), repo.model_file(name, "1"), "1", "cpu", True)
+    except Exception as e:
+        errors.append(f"{name}: {e}")
+
+threads = [threading.Thread(target=load, args=(n,)) for n in sys.argv[2:]]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("\\n".join(errors))
+sys.exit(1 if errors else 0)
+"""
+
+
+def test_first_loads_of_pt2_models_at_once_in_a_fresh_process(repo):
+    """torch.export and inductor import lazily; two threads doing it at once used to fail
+    on partially initialized modules (a worker loads its models concurrently)."""
+    names = ["digits_export", "digits_aoti", "digits_bf16", "digits_export", "digits_aoti"]
+    done = subprocess.run([sys.executable, "-c", FIRST_LOADS, str(repo), *names],
+                          capture_output=True, text=True, timeout=600, cwd=MODELS.parent)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]

@@ -115,3 +115,112 @@ def test_a_stream_that_never_reads_stays_bounded(start_gateway):
     done, inflight = asyncio.run(main())
     assert 0 < done < n // 2, f"{done} of {n} requests computed for a client that never read"
     assert inflight <= 8
+
+
+def oversized_requests() -> dict[str, pb.ModelInferRequest]:
+    def base():
+        r = pb.ModelInferRequest(model_name="digits")
+        r.inputs.add(name="input", datatype="FP32", shape=list(X.shape))
+        r.raw_input_contents.append(X.tobytes())
+        return r
+
+    out = {}
+    out["id"] = base()
+    out["id"].id = "i" * MiB
+    out["model_name"] = base()
+    out["model_name"].model_name = "m" * MiB
+    out["parameters"] = base()
+    for i in range(1000):
+        out["parameters"].parameters[f"p{i}"].int64_param = i
+    out["parameter"] = base()
+    out["parameter"].parameters["note"].string_param = "v" * MiB
+    out["input name"] = base()
+    out["input name"].inputs[0].name = "n" * MiB
+    out["dims"] = base()
+    out["dims"].inputs[0].shape[:] = [1] * 100_000
+    out["outputs"] = base()
+    for i in range(1000):
+        out["outputs"].outputs.add(name=f"o{i}")
+    return out
+
+
+def test_ids_names_parameters_and_dims_are_bounded(start_gateway):
+    """Each bound: INVALID_ARGUMENT with a short message, on ModelInfer and on a stream
+    (whose error response echoes at most 256 characters of the id)."""
+    gateway = start_gateway()
+    requests = oversized_requests()
+
+    async def main():
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for what, request in requests.items():
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.ModelInfer(request, timeout=30)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
+                assert len(e.value.details()) < 300, what
+            responses = [r async for r in stub.ModelStreamInfer(iter(requests.values()),
+                                                               timeout=60)]
+            assert len(responses) == len(requests)
+            assert all(r.error_message for r in responses)
+            assert max(len(r.infer_response.id) for r in responses) == 256
+
+    asyncio.run(main())
+    gateway.output()
+    log = gateway.log_path.read_text()
+    assert max(len(line) for line in log.splitlines()) < 10_000
+
+
+def test_a_newline_in_a_model_name_is_escaped_in_the_log(start_gateway):
+    gateway = start_gateway()
+    request = pb.ModelInferRequest(model_name="digits\nFORGED 2026 ERROR all keys leaked")
+    request.inputs.add(name="input", datatype="FP32", shape=list(X.shape))
+    request.raw_input_contents.append(X.tobytes())
+
+    async def main():
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+            return e.value.code()
+
+    assert asyncio.run(main()) in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    gateway.output()
+    log = gateway.log_path.read_text()
+    assert "FORGED" in log  # the attempt is logged...
+    assert not any(line.startswith("FORGED") for line in log.splitlines())  # ...on its line
+
+
+def test_reflection_and_the_index_are_behind_the_key_and_filtered(start_gateway, tmp_path):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    keys = tmp_path / "keys.json"
+    write_keys(keys, DIGITS, {"name": "ops", "key": "key-ops", "models": ["*"]},
+               {"name": "reader", "key": "key-reader", "models": ["digits"], "scopes": ["infer"]})
+    gateway = start_gateway("--api-keys-file", str(keys))
+
+    async def main():
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            async def index(key):
+                reply = await stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=30,
+                                                   metadata=(("authorization", f"Bearer {key}"),))
+                return {m.name for m in reply.models}
+
+            assert await index("key-reader") == {"digits"}
+            assert {"digits", "seqpool"} <= await index("key-ops")
+
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+            async def services(metadata=None):
+                request = reflection_pb2.ServerReflectionRequest(list_services="")
+                async for reply in reflect.ServerReflectionInfo(iter([request]), timeout=30,
+                                                                metadata=metadata):
+                    return {s.name for s in reply.list_services_response.service}
+
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await services()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            listed = await services((("authorization", "Bearer key-reader"),))
+            assert "inference.GRPCInferenceService" in listed
+
+    asyncio.run(main())

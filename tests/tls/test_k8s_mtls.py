@@ -71,3 +71,13 @@ def test_no_plaintext_grpc_probe_is_left(objects, tier):
     service = find(objects, "Service", f"meshserve-{tier}")
     grpc_port = [p for p in service["spec"]["ports"] if p["name"] == "grpc"][0]
     assert "appProtocol" not in grpc_port  # no longer cleartext HTTP/2 (h2c)
+
+
+def test_the_gateways_http_port_speaks_https(objects):
+    [container] = find(objects, "Deployment", "meshserve-gateway")["spec"]["template"]["spec"][
+        "containers"]
+    assert container["livenessProbe"]["httpGet"] == {
+        "path": "/v2/health/live", "port": "http", "scheme": "HTTPS"}
+    service = find(objects, "Service", "meshserve-gateway")
+    http = [p for p in service["spec"]["ports"] if p["name"] == "http"][0]
+    assert http["appProtocol"] == "https"
