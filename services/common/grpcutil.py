@@ -345,8 +345,8 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+        if handler is None or handler.request_deserializer is None:
+            return handler  # e.g. a refusal that never reads the request
         method = handler_call_details.method
         cached = self._handlers.get(method)
         if cached is None or cached[0] is not handler:
