@@ -7,8 +7,12 @@ from dataclasses import dataclass
 
 from meshserve.common import transport
 from meshserve.common.errors import ConfigError
+from meshserve.common.grpcutil import MiB
 from meshserve.common.settings import Flags, parse_bool
 from meshserve.common.transport import Transport
+from meshserve.tasks.records import QueueSettings
+
+_TASKS = QueueSettings()  # the async task defaults, as the standalone runner's
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,14 +46,18 @@ class Settings:
     # Redis URL, else an in-process queue (not durable).
     redis_url: str = ""
     async_runners: int = 1  # runner coroutines in this gateway (0: submit and read only)
-    async_max_queue: int = 100_000
-    async_result_ttl_s: float = 3600.0
-    async_task_ttl_s: float = 3600.0
-    async_claim_idle_s: float = 30.0
+    async_max_queue: int = _TASKS.max_queue
+    async_result_ttl_s: float = _TASKS.result_ttl_s
+    async_task_ttl_s: float = _TASKS.task_ttl_s
+    async_claim_idle_s: float = _TASKS.claim_idle_s
+    # As `meshserve async-runner`'s --max-deliveries and --key-prefix: a runner beside the
+    # gateways must read the stream the gateways write.
+    async_max_deliveries: int = _TASKS.max_deliveries
+    async_key_prefix: str = _TASKS.key_prefix
     # The in-process task store (no Redis): tasks, MiB and tasks per API key held at most.
-    async_max_stored: int = 200_000
-    async_max_stored_mb: int = 512
-    async_max_tasks_per_key: int = 10_000
+    async_max_stored: int = _TASKS.max_stored
+    async_max_stored_mb: int = _TASKS.max_stored_bytes // MiB
+    async_max_tasks_per_key: int = _TASKS.max_per_key
     # Protection (gateway/protection.py): API keys (empty: auth off), per-model token
     # buckets "MODEL=RATE[:BURST],...", and load shedding past this many inferences at once.
     api_keys_file: str = ""
@@ -105,13 +113,12 @@ class Settings:
 
         return parse_model_limits(self.model_rate_limits)
 
-    def queue_settings(self):
-        from meshserve.tasks.records import QueueSettings
-
+    def queue_settings(self) -> QueueSettings:
         return QueueSettings(self.async_max_queue, self.async_task_ttl_s,
                              self.async_result_ttl_s, self.async_claim_idle_s,
+                             self.async_max_deliveries, self.async_key_prefix,
                              max_stored=self.async_max_stored,
-                             max_stored_bytes=self.async_max_stored_mb * 1024 * 1024,
+                             max_stored_bytes=self.async_max_stored_mb * MiB,
                              max_per_key=self.async_max_tasks_per_key)
 
 
@@ -171,6 +178,10 @@ def from_args(argv: list[str] | None = None) -> Settings:
           "an async task not started within this is EXPIRED")
     f.add("--async-claim-idle-s", float, d.async_claim_idle_s,
           "claim an async task whose runner has been silent this long")
+    f.add("--async-max-deliveries", int, d.async_max_deliveries,
+          "deliveries of an async task before it is dead-lettered (FAILED); as the runners'")
+    f.add("--async-key-prefix", str, d.async_key_prefix,
+          "prefix of every async task key in Redis; as the runners' --key-prefix")
     f.add("--async-max-stored", int, d.async_max_stored,
           "in-process task store (no --redis-url): tasks held at most, finished ones too")
     f.add("--async-max-stored-mb", int, d.async_max_stored_mb,
