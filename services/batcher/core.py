@@ -353,6 +353,8 @@ class Batcher:
         if r.future.done():
             return
         r.future.set_result(result)
+        if r.withdrawn:
+            return
         code = "OK" if result.error is None else result.error.code_name
         queued = result.queue_ns if result.error is None or result.batch_size else None
         total_ns = int((self.now() - r.enqueued_s) * 1e9)
@@ -656,6 +658,7 @@ class Session:
         self._outbox: list[InferResult] = []
         self._ready = asyncio.Event()
         self._input_ended = False
+        self._received = 0  # messages read and not yet acknowledged (flow control)
 
     def submit(self, request_id: int, model: str, version: str, inputs: list[RawTensor],
                outputs: list[str], priority: int, timeout_us: int, traceparent: str = "") -> None:
@@ -676,9 +679,10 @@ class Session:
         """A request that could not even be read (bad tensor): answered at once."""
         self._post(InferResult(request_id, error))
 
-    def cancel(self, request_id: int) -> None:
+    def cancel(self, request_id: int, withdrawn: bool = False) -> None:
         request = self.pending.get(request_id)
         if request is not None:
+            request.withdrawn = withdrawn
             self.batcher.cancel(request)
 
     def _done(self, request_id: int, future: asyncio.Future) -> None:
@@ -690,16 +694,23 @@ class Session:
         self._outbox.append(result)
         self._ready.set()
 
-    async def drain(self) -> list[InferResult] | None:
-        """Every ready result (waits for at least one); None once the caller has
-        half-closed and every request is answered."""
-        while not self._outbox:
+    def received(self) -> None:
+        """One message of the caller was read: acknowledged with the next drain."""
+        self._received += 1
+        self._ready.set()
+
+    async def drain(self) -> tuple[list[InferResult], int] | None:
+        """Every ready result and the count of messages read since the last drain (waits
+        for at least one of either); None once the caller has half-closed and every
+        request is answered."""
+        while not self._outbox and not self._received:
             if self._input_ended and not self.pending:
                 return None
             self._ready.clear()
             await self._ready.wait()
         out, self._outbox = self._outbox, []
-        return out
+        received, self._received = self._received, 0
+        return out, received
 
     def end_input(self) -> None:
         """The caller sent its last message; answer what is pending, then end."""

@@ -29,6 +29,8 @@ class Settings:
     # Empty: no cache service (every request computes).
     cache: str = ""
     cache_timeout_ms: int = 50
+    # The in-process L1 in front of the cache service (0: none).
+    l1_cache_mb: int = 64
     max_message_mb: int = 64
     # Per client connection: streams at once, idle and age limits (0: none).
     max_concurrent_streams: int = 1024
@@ -76,6 +78,8 @@ class Settings:
             raise ConfigError(f"--http-port: {self.http_port} is not a port (-1: off)")
         if self.max_message_mb < 1:
             raise ConfigError(f"--max-message-mb: must be >= 1, got {self.max_message_mb}")
+        if self.l1_cache_mb < 0:
+            raise ConfigError(f"--l1-cache-mb: must be >= 0, got {self.l1_cache_mb}")
         if self.cache_timeout_ms < 1:
             raise ConfigError(f"--cache-timeout-ms: must be >= 1, got {self.cache_timeout_ms}")
         if not (self.api_keys_file or self.insecure or is_loopback(self.host)):
@@ -147,6 +151,8 @@ def from_args(argv: list[str] | None = None) -> Settings:
           "cache service: host:port, a comma list (sharded by key) or dns:///name:port; "
           "empty: no cache")
     f.add("--cache-timeout-ms", int, d.cache_timeout_ms, "cache lookup budget per request")
+    f.add("--l1-cache-mb", int, d.l1_cache_mb,
+          "in-process cache of hot results in front of the cache service (0: off)")
     f.add("--max-message-mb", int, d.max_message_mb, "largest request or response message")
     f.add("--max-concurrent-streams", int, d.max_concurrent_streams,
           "calls open at once on one client connection (HTTP/2 streams)")
