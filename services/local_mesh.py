@@ -82,6 +82,21 @@ class ServiceSpec:
     port: int = 0
     metrics_port: int = 0
 
+    def bound(self, ports: dict) -> ServiceSpec:
+        """This spec with the ports the service bound (its port file: {"grpc": ..,
+        "metrics": .., "http": ..}) in place of any-free-port ones, so that a restart binds
+        them again: its peers' addresses stay valid."""
+        flags = list(self.flags)
+        for name, port in ports.items():
+            flag = f"--{name}-port"
+            if name not in ("grpc", "metrics") and port and flag in flags[:-1]:
+                i = flags.index(flag) + 1
+                if flags[i] == "0":
+                    flags[i] = str(port)
+        metrics = ports.get("metrics")
+        return replace(self, port=ports["grpc"], flags=tuple(flags),
+                       metrics_port=self.metrics_port if metrics is None else metrics)
+
     def argv(self, port_file: Path, log_level: str) -> list[str]:
         return [sys.executable, "-m", KINDS[self.kind].module, "--host", self.host,
                 "--port", str(self.port), "--metrics-port", str(self.metrics_port),
@@ -253,13 +268,14 @@ def describe_exit(code: int) -> str:
 
 
 _LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ ")
+_CRITICAL = re.compile(r"^.*? CRITICAL [\w.]+: ")
 
 
 def stop_cause(lines: list[str]) -> str:
     """See Service.cause."""
     for line in reversed(lines):
         if " CRITICAL " in line:
-            return _LOG_PREFIX.sub("", line.strip())
+            return _CRITICAL.sub("", line.strip())
     cause, in_traceback, ignored = "", False, False
     for i, line in enumerate(lines):
         if line.startswith("Traceback (most recent call last):"):
@@ -357,10 +373,7 @@ class Service:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.proc.wait()), 0.1)
         self.ports = json.loads(self.port_file.read_text())
-        metrics_port = self.ports.get("metrics")
-        self.spec = replace(self.spec, port=self.ports["grpc"],
-                            metrics_port=self.spec.metrics_port if metrics_port is None
-                            else metrics_port)
+        self.spec = self.spec.bound(self.ports)
         return self.ports
 
     async def stop(self, timeout_s: float = 15) -> None:
@@ -502,8 +515,9 @@ class LocalMesh:
             if service.quick_crashes > self.restart_limit:
                 service.gave_up = True
                 self.metrics.gave_up.labels(service.name).set(1)
-                self._lost(service, f"{service.name} crashed {service.quick_crashes} times in "
-                           f"a row, each within {QUICK_CRASH_S:.0f}s of its start; giving up on "
+                n = service.quick_crashes
+                self._lost(service, f"{service.name} crashed {n} times in a row ({n - 1} "
+                           f"restarts, each ending within {QUICK_CRASH_S:.0f}s); giving up on "
                            f"it (last: {why})")
                 return
             delay_s = min(self.restart_first_s * 2 ** (service.quick_crashes - 1),
@@ -555,6 +569,9 @@ async def run(args: argparse.Namespace) -> int:
                           (args.host, args.metrics_port, "gateway metrics, --metrics-port"),
                           (args.host, args.http_port, "gateway HTTP, --http-port"),
                           (args.host, args.up_metrics_port, "up metrics, --up-metrics-port")])
+    if not Path(args.model_repository).is_dir():
+        problem = (f"--model-repository {args.model_repository}: no such folder; nothing was "
+                   "started")
     if problem:
         say(problem)
         return 1
@@ -614,6 +631,8 @@ def announce(mesh: LocalMesh, args: argparse.Namespace, up_metrics_port: int | N
 
 
 async def load_models(target: str, repo: str, tls_dir: str = "", out=None) -> None:
+    import grpc
+
     from meshserve.client import AsyncClient
 
     tls = {"tls_ca": str(Path(tls_dir) / "ca.crt")} if tls_dir else {}
@@ -630,7 +649,9 @@ async def load_models(target: str, repo: str, tls_dir: str = "", out=None) -> No
                 await client.load_model(name)
                 say(f"model '{name}' loaded", out)
             except Exception as e:  # noqa: BLE001 - one bad model must not stop the mesh
-                say(f"model '{name}' failed to load: {e}", out)
+                why = (f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError)
+                       else str(e))
+                say(f"model '{name}' failed to load: {why}", out)
 
 
 def main(argv: list[str]) -> int:

@@ -168,10 +168,10 @@ def server_credentials(transport: Transport) -> grpc.ServerCredentials | None:
     if not transport.server_tls:
         return None
     pair = [(transport.read(transport.tls_key), transport.read(transport.tls_cert))]
-    if not transport.tls_ca or transport.tls_client_auth == "none":
+    if not transport.client_ca or transport.tls_client_auth == "none":
         return grpc.ssl_server_credentials(pair)
     return grpc.ssl_server_credentials(
-        pair, root_certificates=transport.read(transport.tls_ca),
+        pair, root_certificates=transport.read(transport.client_ca),
         require_client_auth=transport.tls_client_auth == "require")
 
 
@@ -309,6 +309,55 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         return cached[1]
 
 
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+class PeerCheck(grpc.aio.ServerInterceptor):
+    """Serves only clients whose (verified) certificate's common name is allowed: a worker
+    only the batcher, the cache only gateways. grpc.health.v1 stays open to any client the
+    CA signed (probes run with the pod's own certificate). Installed by new_server only
+    when --tls-allowed-clients names someone."""
+
+    def __init__(self, allowed: Iterable[str]):
+        self.allowed = frozenset(allowed)
+        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(HEALTH_PREFIX):
+            return handler
+        cached = self._handlers.get(method)
+        if cached is None or cached[0] is not handler:
+            kind = ("stream" if handler.request_streaming else "unary") + "_" + (
+                "stream" if handler.response_streaming else "unary")
+            cached = (handler, handler._replace(**{kind: self._wrap(getattr(handler, kind))}))
+            self._handlers[method] = cached
+        return cached[1]
+
+    async def _check(self, context) -> None:
+        names = [n.decode(errors="replace") if isinstance(n, bytes) else n
+                 for n in context.auth_context().get("x509_common_name", ())]
+        if not self.allowed.intersection(names):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this port serves only {', '.join(sorted(self.allowed))}; the client "
+                f"certificate is {clip(', '.join(names)) or 'absent'}")
+
+    def _wrap(self, behavior):
+        if inspect.isasyncgenfunction(behavior):
+            async def stream(request, context):
+                await self._check(context)
+                async for item in behavior(request, context):
+                    yield item
+            return stream
+
+        async def unary(request, context):
+            await self._check(context)
+            return await behavior(request, context)
+        return unary
+
+
 @functools.cache
 def _reflection_pool():
     """Our descriptor pool (meshserve.pb.POOL) with the health and reflection protos added,
@@ -336,13 +385,15 @@ def new_server(
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """An aio server with grpc.health.v1 (NOT_SERVING until the caller says so) and
     reflection for the given services. Returns (server, bound port, health servicer).
-    transport: TLS / mTLS and the default compression of responses (plaintext without).
+    transport: TLS / mTLS (--tls-allowed-clients: PeerCheck) and the default compression
+    of responses (plaintext without).
     limits: streams, idle time and age of each client connection.
     Every method answers undecodable request bytes INVALID_ARGUMENT (DecodeGuard)."""
     t = transport or PLAINTEXT
+    peer_check = [PeerCheck(t.tls_allowed_clients)] if t.tls_allowed_clients else []
     server = grpc.aio.server(options=server_options(max_message_bytes, reuse_port, limits),
                              compression=_compression(t.compression),
-                             interceptors=[DecodeGuard(), *interceptors])
+                             interceptors=[DecodeGuard(), *peer_check, *interceptors])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import io
 import socket
+from dataclasses import replace
 
 import pytest
 
@@ -65,9 +66,9 @@ async def test_a_crashing_service_is_restarted_then_given_up_on(tmp_path):
     reason = await asyncio.wait_for(mesh.fatal, 60)
     await supervisor
     assert service.restarts == 2 and service.gave_up
-    assert reason == ("fake-0 crashed 3 times in a row, each within 30s of its start; giving "
-                      "up on it (last: exit code 3: fake_service cannot run: RuntimeError: "
-                      "boom); no fake left")
+    assert reason == ("fake-0 crashed 3 times in a row (2 restarts, each ending within 30s); "
+                      "giving up on it (last: exit code 3: fake_service cannot run: "
+                      "RuntimeError: boom); no fake left")
     text = out.getvalue()
     assert "fake-0 exited unexpectedly (exit code 3: fake_service cannot run: " in text
     assert "restarting it in 0.0s (restart 2)" in text
@@ -89,9 +90,9 @@ async def test_giving_up_on_one_of_two_serves_on(tmp_path):
     await serving.ready()
     await mesh._supervise(crashing)
     assert not mesh.fatal.done()
-    assert ("fake-0 crashed 1 times in a row, each within 30s of its start; giving up on it "
-            "(last: exit code 3: fake_service cannot run: RuntimeError: boom); serving on "
-            "with 1 other fake(s)") in out.getvalue()
+    assert ("fake-0 crashed 1 times in a row (0 restarts, each ending within 30s); giving up "
+            "on it (last: exit code 3: fake_service cannot run: RuntimeError: boom); serving "
+            "on with 1 other fake(s)") in out.getvalue()
     await mesh.stop()
     assert serving.proc.returncode == 0  # stopped by SIGTERM, in order
 
@@ -119,8 +120,17 @@ def test_the_cause_of_a_stop_is_the_failure_not_the_exit_noise():
     one_line = ["2026-11-30 21:02:35,108 CRITICAL meshserve.gateway: gateway cannot run: "
                 "RuntimeError: could not bind 127.0.0.1:8001", "sys:1: noise"]
     assert local_mesh.stop_cause(one_line) == (
-        "CRITICAL meshserve.gateway: gateway cannot run: RuntimeError: could not bind "
-        "127.0.0.1:8001")
+        "gateway cannot run: RuntimeError: could not bind 127.0.0.1:8001")
     assert local_mesh.stop_cause(["2026-11-30 21:02:35,108 INFO x: last words", ""]) == (
         "INFO x: last words")
     assert local_mesh.stop_cause([]) == "no output"
+
+
+def test_a_restart_binds_the_ports_the_first_start_bound():
+    spec = ServiceSpec("gateway", "gateway", ("--http-port", "0", "--batcher", "b:1"),
+                       port=0, metrics_port=0)
+    bound = spec.bound({"grpc": 4001, "metrics": 4002, "http": 4000})
+    assert (bound.port, bound.metrics_port) == (4001, 4002)
+    assert bound.flags == ("--http-port", "4000", "--batcher", "b:1")
+    fixed = ServiceSpec("gateway", "gateway", ("--http-port", "-1"), metrics_port=-1)
+    assert fixed.bound({"grpc": 4001, "metrics": None}) == replace(fixed, port=4001)
