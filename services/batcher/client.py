@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from dataclasses import dataclass
 
 import grpc
 
 from meshserve.batcher.core import DRAINING
 from meshserve.common import grpcutil, tracing
 from meshserve.common.errors import DeadlineExceeded, MeshError, Unavailable
+from meshserve.common.hops import HopCount
 from meshserve.common.transport import Transport
 from meshserve.pb.meshserve.v1 import batcher_pb2, batcher_pb2_grpc, tensor_pb2
 
@@ -26,18 +28,30 @@ log = logging.getLogger(__name__)
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 
 
-class _Stream:
-    """One Infer stream: an outgoing queue drained whole per message, and pending futures."""
+# InferRequests messages sent and not yet acknowledged (InferResults.received) before the
+# next waits: holding it lets the requests that arrive meanwhile travel together.
+MAX_UNACKED_MESSAGES = 1
 
-    def __init__(self, stub: batcher_pb2_grpc.BatcherStub, target: str):
+
+class _Stream:
+    """One Infer stream: an outgoing queue drained whole per message, and pending futures.
+    Flow control: once the batcher has acknowledged a message (so it is known to), the
+    next waits while MAX_UNACKED_MESSAGES are unacknowledged."""
+
+    def __init__(self, stub: batcher_pb2_grpc.BatcherStub, target: str,
+                 sent: HopCount, received: HopCount):
         self.target = target
+        self.sent, self.received = sent, received  # requests out, results back
         self.pending: dict[int, asyncio.Future] = {}
         self._requests: list[batcher_pb2.InferRequest] = []
         self._cancelled: list[int] = []
+        self._withdrawn: list[int] = []
         self._wake = asyncio.Event()
         self.alive = True
         # Its batcher refused a request as draining: send nothing new on it.
         self.draining = False
+        self._unacked = 0
+        self._acks_seen = False  # an older batcher never acknowledges: no flow control
         self._call = stub.Infer(self._outgoing())
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -46,24 +60,33 @@ class _Stream:
         self._requests.append(request)
         self._wake.set()
 
-    def cancel(self, request_id: int) -> None:
+    def cancel(self, request_id: int, withdrawn: bool = False) -> None:
         if self.pending.pop(request_id, None) is not None and self.alive:
-            self._cancelled.append(request_id)
+            (self._withdrawn if withdrawn else self._cancelled).append(request_id)
             self._wake.set()
 
     async def _outgoing(self):
         while True:
-            while not self._requests and not self._cancelled:
+            while (not self._requests and not self._cancelled and not self._withdrawn) or (
+                    self._acks_seen and self._unacked >= MAX_UNACKED_MESSAGES):
                 self._wake.clear()
                 await self._wake.wait()
-            message = batcher_pb2.InferRequests(requests=self._requests, cancelled=self._cancelled)
-            self._requests, self._cancelled = [], []
+            message = batcher_pb2.InferRequests(requests=self._requests, cancelled=self._cancelled,
+                                                withdrawn=self._withdrawn)
+            self.sent.add(len(self._requests))
+            self._unacked += 1
+            self._requests, self._cancelled, self._withdrawn = [], [], []
             yield message
 
     async def _read(self) -> None:
         error: MeshError = Unavailable(f"the batcher at {self.target} closed the stream")
         try:
             async for message in self._call:
+                self.received.add(len(message.results))
+                if message.received:
+                    self._acks_seen = True
+                    self._unacked = max(0, self._unacked - message.received)
+                    self._wake.set()
                 for r in message.results:
                     future = self.pending.pop(r.request_id, None)
                     if future is not None and not future.done():
@@ -110,6 +133,11 @@ class BatcherClient:
         self._next_stream = itertools.count()
         self._next_unary = itertools.count()
         self._ids = itertools.count(1)
+        self._each_channels: dict[str, grpc.aio.Channel] = {}  # address -> channel (each())
+        self.sent, self.received = HopCount(), HopCount()
+
+    def hop_counts(self) -> list[tuple[str, HopCount]]:
+        return [("gateway->batcher", self.sent), ("batcher->gateway", self.received)]
 
     async def start(self) -> None:
         self._channels = [grpcutil.channel(t, self.transport) for t in self.targets]
@@ -123,9 +151,9 @@ class BatcherClient:
         for stream in self._retired:
             await stream.close()
         self._retired.clear()
-        for channel in self._channels:
+        for channel in [*self._channels, *self._each_channels.values()]:
             await channel.close()
-        self._channels, self._stubs = [], []
+        self._channels, self._stubs, self._each_channels = [], [], {}
 
     def _usable(self, channel_index: int) -> bool:
         state = self._channels[channel_index].get_state(try_to_connect=True)
@@ -150,7 +178,8 @@ class BatcherClient:
                 self._retired.add(stream)
             self._retired = {s for s in self._retired if s.alive}
             c = i % len(self._channels)
-            stream = self._streams[i] = _Stream(self._stubs[c], self.targets[c])
+            stream = self._streams[i] = _Stream(self._stubs[c], self.targets[c], self.sent,
+                                                self.received)
         return stream
 
     async def infer(self, model: str, version: str, inputs: list[tensor_pb2.Tensor],
@@ -159,23 +188,21 @@ class BatcherClient:
         """One request through a shared stream; raises the domain error of its result.
         A request a draining batcher refused (never queued) goes out again on another
         stream, which the channel opens to another batcher."""
+        return await self.result(self.send(model, version, inputs, outputs, priority,
+                                           timeout_s))
+
+    def send(self, model: str, version: str, inputs: list[tensor_pb2.Tensor],
+             outputs: list[str], priority: int = 0, timeout_s: float | None = None) -> Sent:
+        """Sends a request now; `await result(sent)` for its result, or `cancel(sent)`."""
         request = batcher_pb2.InferRequest(
             model=model, version=version, inputs=inputs, outputs=outputs, priority=priority,
             timeout_us=max(1, int(timeout_s * 1e6)) if timeout_s else 0,
             traceparent=tracing.current_traceparent(),  # the caller's trace context
         )
-        for _ in range(len(self._streams) + 1):
-            result, stream = await self._infer_once(request, timeout_s)
-            if result.code != _UNAVAILABLE or not result.message.startswith(DRAINING):
-                break
-            stream.draining = True
-        if result.code != 0:
-            raise grpcutil.error_from_code(result.code, result.message)
-        return result
+        return self._send(request, timeout_s)
 
-    async def _infer_once(self, request: batcher_pb2.InferRequest, timeout_s: float | None
-                          ) -> tuple[batcher_pb2.InferResult, _Stream]:
-        request_id = request.request_id = next(self._ids)
+    def _send(self, request: batcher_pb2.InferRequest, timeout_s: float | None) -> Sent:
+        request.request_id = next(self._ids)
         stream = self._stream()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -183,15 +210,37 @@ class BatcherClient:
         # The batcher answers DEADLINE_EXCEEDED itself; this timer only bounds a stuck hop
         # (a timer on the future costs less than wait_for's extra task per request).
         timer = loop.call_later(timeout_s + 1.0, _expire, future, timeout_s) if timeout_s else None
-        try:
-            result = await future
-        except (DeadlineExceeded, asyncio.CancelledError):
-            stream.cancel(request_id)
-            raise
-        finally:
-            if timer is not None:
-                timer.cancel()
-        return result, stream
+        return Sent(request, timeout_s, stream, future, timer)
+
+    def cancel(self, sent: Sent) -> None:
+        """The caller no longer needs the result: the batcher drops the request (not
+        counted as a failure)."""
+        if sent.timer is not None:
+            sent.timer.cancel()
+        if not sent.future.done():
+            sent.future.cancel()
+        sent.stream.cancel(sent.request.request_id, withdrawn=True)
+
+    async def result(self, sent: Sent) -> batcher_pb2.InferResult:
+        retries = len(self._streams)
+        while True:
+            try:
+                result = await sent.future
+            except (DeadlineExceeded, asyncio.CancelledError):
+                sent.stream.cancel(sent.request.request_id)
+                raise
+            finally:
+                if sent.timer is not None:
+                    sent.timer.cancel()
+            if (result.code == _UNAVAILABLE and result.message.startswith(DRAINING)
+                    and retries > 0):
+                sent.stream.draining = True
+                retries -= 1
+                sent = self._send(sent.request, sent.timeout_s)
+                continue
+            if result.code != 0:
+                raise grpcutil.error_from_code(result.code, result.message)
+            return result
 
     async def _unary(self, method: str, request, channel_index: int | None = None):
         if not self._stubs:
@@ -203,31 +252,136 @@ class BatcherClient:
         except grpc.aio.AioRpcError as e:
             raise grpcutil.error_from_rpc(e, f"the batcher at {self.targets[c]}") from None
 
-    async def _everywhere(self, method: str, request):
-        """Every batcher of a comma list must know (load, unload); returns the first answer."""
-        answers = await asyncio.gather(*(self._unary(method, request, c)
-                                         for c in range(len(self._stubs))))
-        return answers[0]
+    async def each(self, call) -> list[tuple[str, object]]:
+        """call(channel) on EVERY batcher the target stands for (a dns:/// name resolved to
+        each of its addresses now, as the batcher does for workers), at once: one
+        (address, answer or MeshError) per batcher. Channels are kept per address."""
+        targets = await grpcutil.every_address(self.target)
+        for address in set(self._each_channels) - {a for a, _ in targets}:
+            await self._each_channels.pop(address).close()
 
-    async def statistics(self, model: str = "", version: str = "") -> batcher_pb2.StatisticsResponse:
-        return await self._unary(
-            "Statistics", batcher_pb2.StatisticsRequest(model=model, version=version))
+        async def one(address: str, server_name: str):
+            channel = self._each_channels.get(address)
+            if channel is None:
+                channel = self._each_channels[address] = grpcutil.channel(
+                    address, self.transport, server_name=server_name)
+            try:
+                return address, await call(channel)
+            except grpc.aio.AioRpcError as e:
+                return address, grpcutil.error_from_rpc(e, f"the batcher at {address}")
+
+        return list(await asyncio.gather(*(one(a, n) for a, n in targets)))
+
+    async def _every(self, method: str, request, timeout_s: float | None = None
+                     ) -> list[tuple[str, object]]:
+        """A Batcher method on every batcher: the answers; batchers that are unreachable
+        are left out (logged) unless none answers (Unavailable); any other error raises."""
+        answers = await self.each(
+            lambda channel: getattr(batcher_pb2_grpc.BatcherStub(channel), method)(
+                request, timeout=timeout_s))
+        ok = [(a, r) for a, r in answers if not isinstance(r, Exception)]
+        for address, r in answers:
+            if isinstance(r, Unavailable) and ok:
+                log.warning("%s: the batcher at %s is unreachable (%s); left out",
+                            method, address, r)
+            elif isinstance(r, Exception):
+                raise r
+        return ok
+
+    async def statistics(self, model: str = "", version: str = ""
+                         ) -> batcher_pb2.StatisticsResponse:
+        """Every batcher's statistics, summed."""
+        return (await self.statistics_of_every(model, version))[0]
+
+    async def statistics_of_every(self, model: str = "", version: str = ""
+                                  ) -> tuple[batcher_pb2.StatisticsResponse, list[str]]:
+        """Every batcher's statistics, summed; and the addresses of those that answered."""
+        answers = await self._every(
+            "Statistics", batcher_pb2.StatisticsRequest(model=model, version=version), 10.0)
+        return merge_statistics([r for _, r in answers]), [a for a, _ in answers]
 
     async def load_model(self, model: str, versions: list[str] | None = None
                          ) -> batcher_pb2.ModelStatesResponse:
-        return await self._everywhere(
+        """Loads on every batcher (they share the workers: the first to ask loads, the
+        others wait for READY); a version is READY only if READY for every batcher."""
+        answers = await self._every(
             "LoadModel", batcher_pb2.LoadModelRequest(model=model, versions=versions or []))
+        return merge_states([r for _, r in answers])
 
     async def unload_model(self, model: str, versions: list[str] | None = None
                            ) -> batcher_pb2.ModelStatesResponse:
-        return await self._everywhere(
+        """Returns once every reachable batcher refuses the model (the others learn it from
+        the cluster's model control when they are back)."""
+        answers = await self._every(
             "UnloadModel", batcher_pb2.UnloadModelRequest(model=model, versions=versions or []))
+        return merge_states([r for _, r in answers])
 
     async def model_states(self, model: str = "") -> batcher_pb2.ModelStatesResponse:
         return await self._unary("ModelStates", batcher_pb2.ModelStatesRequest(model=model))
+
+
+@dataclass(slots=True)
+class Sent:
+    """A request sent on a stream, its result not awaited yet."""
+
+    request: batcher_pb2.InferRequest
+    timeout_s: float | None
+    stream: _Stream
+    future: asyncio.Future
+    timer: asyncio.TimerHandle | None
 
 
 def _expire(future: asyncio.Future, timeout_s: float) -> None:
     if not future.done():
         future.set_exception(
             DeadlineExceeded(f"no answer from the batcher within {timeout_s:.3f}s"))
+
+
+def merge_statistics(responses: list[batcher_pb2.StatisticsResponse]
+                     ) -> batcher_pb2.StatisticsResponse:
+    """Several batchers' statistics as one: counts and durations summed per model version
+    (and per batch size), the latest last_inference_ms."""
+    merged: dict[tuple[str, str], batcher_pb2.ModelStats] = {}
+    for response in responses:
+        for s in response.models:
+            m = merged.get((s.model, s.version))
+            if m is None:
+                merged[(s.model, s.version)] = m = batcher_pb2.ModelStats()
+                m.CopyFrom(s)
+                continue
+            m.last_inference_ms = max(m.last_inference_ms, s.last_inference_ms)
+            m.inference_count += s.inference_count
+            m.execution_count += s.execution_count
+            for name in ("success", "fail", "queue", "compute_infer"):
+                _add(getattr(m, name), getattr(s, name))
+            sizes = {b.batch_size: b for b in m.batch_stats}
+            for b in s.batch_stats:
+                if b.batch_size in sizes:
+                    _add(sizes[b.batch_size].compute_infer, b.compute_infer)
+                else:
+                    m.batch_stats.add().CopyFrom(b)
+    out = batcher_pb2.StatisticsResponse(models=[merged[k] for k in sorted(merged)])
+    for m in out.models:
+        m.batch_stats.sort(key=lambda b: b.batch_size)
+    return out
+
+
+def _add(total: batcher_pb2.Duration, d: batcher_pb2.Duration) -> None:
+    total.count += d.count
+    total.ns += d.ns
+
+
+_RANK = {"READY": 0, "LOADING": 1, "UNAVAILABLE": 2}
+
+
+def merge_states(responses: list[batcher_pb2.ModelStatesResponse]
+                 ) -> batcher_pb2.ModelStatesResponse:
+    """Several batchers' model states as one: per version, the least ready of them."""
+    merged: dict[tuple[str, str], batcher_pb2.ModelVersionState] = {}
+    for response in responses:
+        for s in response.versions:
+            key = (s.model, s.version)
+            if key not in merged or _RANK.get(s.state, 3) > _RANK.get(merged[key].state, 3):
+                merged[key] = s
+    return batcher_pb2.ModelStatesResponse(versions=list(merged.values()))
+

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 
 import grpc
 
@@ -18,6 +17,8 @@ from meshserve.batcher.workers import WorkerPool
 from meshserve.common import grpcutil
 from meshserve.common.backoff import Backoff
 from meshserve.common.errors import Unavailable
+from meshserve.common.grpcutil import dns_host, resolve_dns
+from meshserve.common.hops import HopCount
 from meshserve.common.transport import Transport
 from meshserve.pb.meshserve.v1 import worker_pb2, worker_pb2_grpc
 
@@ -47,6 +48,7 @@ class WorkerConnection:
         # The worker reported draining; once nothing is in flight we end the Execute stream.
         self._draining = False
         self._ended = False
+        self.sent, self.received = HopCount(), HopCount()  # rows of the batches, both ways
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -68,7 +70,7 @@ class WorkerConnection:
             raise Unavailable(f"model worker {self.address} is draining")
         future = asyncio.get_running_loop().create_future()
         self._pending[batch.batch_id] = future
-        send.put_nowait(convert.batch_to_pb(batch))
+        send.put_nowait((convert.batch_to_pb(batch), batch.rows))
         try:
             return await future
         finally:
@@ -120,7 +122,7 @@ class WorkerConnection:
                 if first is grpc.aio.EOF:
                     raise Unavailable("WatchStatus ended at once")
                 send: asyncio.Queue = asyncio.Queue()
-                call = stub.Execute(_coalesce(send))
+                call = stub.Execute(_coalesce(send, self.sent))
                 self._stub, self._send = stub, send
                 self._draining, self._ended = first.draining, False
                 self.pool.update(self.address, convert.report_from_pb(first), connected=True)
@@ -168,10 +170,14 @@ class WorkerConnection:
 
     async def _read(self, call) -> None:
         async for response in call:
+            rows = 0
             for r in response.results:
                 future = self._pending.pop(r.batch_id, None)
                 if future is not None and not future.done():
-                    future.set_result(convert.outcome_from_pb(r))
+                    outcome = convert.outcome_from_pb(r)
+                    rows += outcome.executed_batch_size
+                    future.set_result(outcome)
+            self.received.add(rows)
 
     async def _watch(self, watch) -> None:
         while (status := await watch.read()) is not grpc.aio.EOF:
@@ -180,21 +186,23 @@ class WorkerConnection:
             self._end_if_drained()
 
 
-async def _coalesce(send: asyncio.Queue):
+async def _coalesce(send: asyncio.Queue, sent: HopCount):
     """Execute's request stream: every batch pending when the stream is free, in one message;
-    a None in the queue ends the stream (after the batches queued before it)."""
+    a None in the queue ends the stream (after the batches queued before it). Queue items
+    are (worker_pb2.Batch, its rows)."""
     while True:
-        batch = await send.get()
-        if batch is None:
+        item = await send.get()
+        if item is None:
             return
-        batches, end = [batch], False
+        items, end = [item], False
         while not send.empty() and not end:
-            batch = send.get_nowait()
-            if batch is None:
+            item = send.get_nowait()
+            if item is None:
                 end = True
             else:
-                batches.append(batch)
-        yield worker_pb2.ExecuteRequest(batches=batches)
+                items.append(item)
+        sent.add(sum(n for _, n in items))
+        yield worker_pb2.ExecuteRequest(batches=[b for b, _ in items])
         if end:
             return
 
@@ -229,13 +237,13 @@ class WorkerDirectory:
         names: dict[str, str] = {}  # resolved IP address -> the name its certificate carries
         for entry in self.entries:
             if entry.startswith("dns:"):
-                found = await _resolve(entry)
+                found = await resolve_dns(entry)
                 # A failed lookup keeps the last known addresses.
                 if found is not None:
                     self._resolved[entry] = found
                 resolved = self._resolved.get(entry, set())
                 addresses |= resolved
-                names.update(dict.fromkeys(resolved, _host(entry)))
+                names.update(dict.fromkeys(resolved, dns_host(entry)))
             else:
                 addresses.add(entry)
         for address in sorted(addresses - set(self.connections)):
@@ -250,6 +258,12 @@ class WorkerDirectory:
             self.pool.remove(address)
             log.info("model worker %s removed (no longer resolved)", address)
 
+    def hop_counts(self) -> list[tuple[str, HopCount]]:
+        out = []
+        for conn in self.connections.values():
+            out += [("batcher->worker", conn.sent), ("worker->batcher", conn.received)]
+        return out
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -258,27 +272,3 @@ class WorkerDirectory:
         for conn in self.connections.values():
             await conn.close()
         self.connections.clear()
-
-
-def _host(entry: str) -> str:
-    """dns:///name:port (or dns://authority/name:port) -> name."""
-    target = entry.split("/", 3)[-1] if entry.startswith("dns://") else entry[len("dns:"):]
-    return target.rpartition(":")[0].strip("[]")
-
-
-async def _resolve(entry: str) -> set[str] | None:
-    """dns:///name:port (or dns://authority/name:port) -> {"ip:port", "[ipv6]:port"}."""
-    target = entry.split("/", 3)[-1] if entry.startswith("dns://") else entry[len("dns:"):]
-    host, _, port = target.rpartition(":")
-    host = host.strip("[]")
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            host, int(port), type=socket.SOCK_STREAM)
-    except (OSError, ValueError) as e:
-        log.warning("cannot resolve %s: %s", entry, e)
-        return None
-    out = set()
-    for family, _, _, _, sockaddr in infos:
-        ip = sockaddr[0]
-        out.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
-    return out

@@ -31,6 +31,7 @@ from meshserve.common.errors import (
     Unavailable,
 )
 from meshserve.common.logs import clip
+from meshserve.common.model_control import Control
 from meshserve.common.repository import ModelConfig, ModelRepository
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ class Batcher:
         self._unwanted: set[Key] = set()
         self._loads: dict[Key, asyncio.Task] = {}
         self._load_errors: dict[Key, tuple[float, str]] = {}
+        # The cluster's model control (common.model_control), as last applied.
+        self.controls: dict[str, Control] = {}
         self.pool.listeners.append(self._on_pool_change)
         # SIGTERM: new requests are refused (the client sends them to another batcher);
         # queued and running ones are finished.
@@ -350,6 +353,8 @@ class Batcher:
         if r.future.done():
             return
         r.future.set_result(result)
+        if r.withdrawn:
+            return
         code = "OK" if result.error is None else result.error.code_name
         queued = result.queue_ns if result.error is None or result.batch_size else None
         total_ns = int((self.now() - r.enqueued_s) * 1e9)
@@ -561,6 +566,32 @@ class Batcher:
                 if m.state == "READY" and key not in self._unwanted:
                     self._wanted.add(key)
 
+    def apply_control(self, model: str, control: Control | None) -> None:
+        """The cluster's model control changed (common.model_control): a loaded model's
+        versions are wanted (loaded in the background if no worker holds them), an unloaded
+        one is never dispatched again and leaves the workers."""
+        if control is None:
+            self.controls.pop(model, None)
+            return
+        self.controls[model] = control
+        if control.loaded:
+            for v in control.versions:
+                key = (model, v)
+                self._unwanted.discard(key)
+                if key not in self._wanted or not self.pool.holders(key):
+                    self._spawn(self.ensure_loaded(key))
+            return
+        try:
+            known = self._known_versions(model)
+        except MeshError as e:  # e.g. gone from the repository: nothing to dispatch
+            log.info("model control: %s unloaded (%s)", model, e)
+            return
+        for v in known:
+            self._wanted.discard((model, v))
+            self._unwanted.add((model, v))
+        if any(w.state_of((model, v)) for w in self.pool.connected() for v in known):
+            self._spawn(self.unload_model(model, []))
+
     def statistics(self, model: str = "", version: str = "") -> list[ModelStats]:
         if model:
             known = self._known_versions(model)
@@ -627,6 +658,7 @@ class Session:
         self._outbox: list[InferResult] = []
         self._ready = asyncio.Event()
         self._input_ended = False
+        self._received = 0  # messages read and not yet acknowledged (flow control)
 
     def submit(self, request_id: int, model: str, version: str, inputs: list[RawTensor],
                outputs: list[str], priority: int, timeout_us: int, traceparent: str = "") -> None:
@@ -647,9 +679,10 @@ class Session:
         """A request that could not even be read (bad tensor): answered at once."""
         self._post(InferResult(request_id, error))
 
-    def cancel(self, request_id: int) -> None:
+    def cancel(self, request_id: int, withdrawn: bool = False) -> None:
         request = self.pending.get(request_id)
         if request is not None:
+            request.withdrawn = withdrawn
             self.batcher.cancel(request)
 
     def _done(self, request_id: int, future: asyncio.Future) -> None:
@@ -661,16 +694,23 @@ class Session:
         self._outbox.append(result)
         self._ready.set()
 
-    async def drain(self) -> list[InferResult] | None:
-        """Every ready result (waits for at least one); None once the caller has
-        half-closed and every request is answered."""
-        while not self._outbox:
+    def received(self) -> None:
+        """One message of the caller was read: acknowledged with the next drain."""
+        self._received += 1
+        self._ready.set()
+
+    async def drain(self) -> tuple[list[InferResult], int] | None:
+        """Every ready result and the count of messages read since the last drain (waits
+        for at least one of either); None once the caller has half-closed and every
+        request is answered."""
+        while not self._outbox and not self._received:
             if self._input_ended and not self.pending:
                 return None
             self._ready.clear()
             await self._ready.wait()
         out, self._outbox = self._outbox, []
-        return out
+        received, self._received = self._received, 0
+        return out, received
 
     def end_input(self) -> None:
         """The caller sent its last message; answer what is pending, then end."""

@@ -8,6 +8,7 @@ import functools
 import inspect
 import logging
 import signal
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -126,6 +127,51 @@ def split_targets(target: str) -> list[str]:
 
 
 _URI_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds")
+
+
+def dns_host(entry: str) -> str:
+    """dns:///name:port (or dns://authority/name:port) -> name."""
+    target = entry.split("/", 3)[-1] if entry.startswith("dns://") else entry[len("dns:"):]
+    return target.rpartition(":")[0].strip("[]")
+
+
+async def resolve_dns(entry: str) -> set[str] | None:
+    """dns:///name:port (or dns://authority/name:port) -> {"ip:port", "[ipv6]:port"};
+    None when the lookup fails (logged)."""
+    target = entry.split("/", 3)[-1] if entry.startswith("dns://") else entry[len("dns:"):]
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as e:
+        log.warning("cannot resolve %s: %s", entry, e)
+        return None
+    out = set()
+    for family, _, _, _, sockaddr in infos:
+        ip = sockaddr[0]
+        out.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+    return out
+
+
+async def every_address(target: str) -> list[tuple[str, str]]:
+    """Every server a client target stands for, as (address, the name its certificate
+    carries, "" = the address's host): a comma list, each address of an ipv4:/ipv6: URI,
+    and each address a dns:/// name resolves to now (Unavailable when it does not
+    resolve). Used for calls that must reach every replica."""
+    out: list[tuple[str, str]] = []
+    for t in split_targets(target):
+        scheme = t.split(":", 1)[0]
+        if scheme == "dns":
+            found = await resolve_dns(t)
+            if found is None:
+                raise errors.Unavailable(f"cannot resolve {t}")
+            out += [(a, dns_host(t)) for a in sorted(found)]
+        elif scheme in ("ipv4", "ipv6"):
+            out += [(a.strip(), "") for a in t.split(":", 1)[1].split(",") if a.strip()]
+        else:
+            out.append((t, ""))
+    return out
 
 
 def insecure_channel(target: str, max_message_bytes: int = 64 * MiB) -> grpc.aio.Channel:
@@ -299,8 +345,8 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+        if handler is None or handler.request_deserializer is None:
+            return handler  # e.g. a refusal that never reads the request
         method = handler_call_details.method
         cached = self._handlers.get(method)
         if cached is None or cached[0] is not handler:

@@ -73,10 +73,14 @@ class HttpContext:
     """What the servicer and the protection interceptor use of grpc.aio.ServicerContext,
     over one HTTP request. HTTP has no deadline: Triton's `timeout` parameter sets one."""
 
-    __slots__ = ("_metadata",)
+    __slots__ = ("_metadata", "trailing_metadata")
 
     def __init__(self, headers):
         self._metadata = tuple((k, headers[k]) for k in METADATA_HEADERS if k in headers)
+        self.trailing_metadata = ()
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self.trailing_metadata = tuple(metadata)
 
     def invocation_metadata(self):
         return self._metadata
@@ -144,9 +148,12 @@ class RestApi:
         sees the headers alone: a refused caller is answered before its body is read (when
         `message` is a coroutine function, it reads the body, and runs only once admitted)."""
         context = HttpContext(request.headers)
-        handler = await self.interceptor.intercept_service(
-            self.continuations[method],
-            _CallDetails(INFERENCE + method, context.invocation_metadata()))
+        if self.interceptor is None:  # no keys, no limits: the servicer sheds load itself
+            handler = await self.continuations[method](None)
+        else:
+            handler = await self.interceptor.intercept_service(
+                self.continuations[method],
+                _CallDetails(INFERENCE + method, context.invocation_metadata()))
         if handler.unary_unary is None:  # a refusal: it answers without reading a request
             refuse = handler.stream_unary or handler.unary_stream or handler.stream_stream
             await refuse(None, context)

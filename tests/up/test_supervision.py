@@ -7,6 +7,7 @@ import asyncio
 import functools
 import io
 import socket
+import threading
 from dataclasses import replace
 
 import pytest
@@ -29,6 +30,34 @@ def run(test):
     return sync
 
 
+class Stuck(io.StringIO):
+    """A terminal that does not read (Ctrl-S): every write blocks until released."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.release.wait()
+        return super().write(text)
+
+
+@run
+async def test_a_terminal_that_does_not_read_never_blocks_a_service(tmp_path):
+    stuck = Stuck()
+    output = local_mesh.Output(stuck, max_pending=1)
+    service = Service(ServiceSpec("fake-0", "fake", ("--mode", "noisy")), tmp_path, "INFO",
+                      output)
+    await service.launch()
+    await service.ready()  # it wrote 20 MB on its way there, all read by `up`
+    assert await service.proc.wait() == 0
+    await service.pump
+    assert output.dropped > 0  # what the terminal could not take
+    stuck.release.set()
+    assert output.flush()
+    assert "pieces of output dropped: not read]" in stuck.getvalue()
+
+
 def test_lines_cut_long_lines_and_keep_any_bytes():
     lines = local_mesh.Lines(max_bytes=10)
     assert lines.feed(b"abc\nde") == ["abc"]
@@ -48,6 +77,7 @@ async def test_a_1mb_line_and_bad_bytes_never_block_the_child(tmp_path):
     await service.ready()
     assert await service.proc.wait() == 0
     await service.pump
+    assert service.out.flush()
     shown = out.getvalue().splitlines()
     assert len(shown) == 20_002
     assert shown[0] == f"   fake-0 | {'x' * MAX_LINE_BYTES} ...[line of {1 << 20} bytes cut]"
@@ -66,6 +96,7 @@ async def test_a_crashing_service_is_restarted_then_given_up_on(tmp_path):
     reason = await asyncio.wait_for(mesh.fatal, 60)
     await supervisor
     assert service.restarts == 2 and service.gave_up
+    assert mesh.out.flush()
     assert reason == ("fake-0 crashed 3 times in a row (2 restarts, each ending within 30s); "
                       "giving up on it (last: exit code 3: fake_service cannot run: "
                       "RuntimeError: boom); no fake left")
@@ -90,6 +121,7 @@ async def test_giving_up_on_one_of_two_serves_on(tmp_path):
     await serving.ready()
     await mesh._supervise(crashing)
     assert not mesh.fatal.done()
+    assert mesh.out.flush()
     assert ("fake-0 crashed 1 times in a row (0 restarts, each ending within 30s); giving up "
             "on it (last: exit code 3: fake_service cannot run: RuntimeError: boom); serving "
             "on with 1 other fake(s)") in out.getvalue()
