@@ -57,6 +57,7 @@ GUARDED = ("ServerMetadata", "ModelMetadata", "ModelReady", "ModelConfig", "Mode
            "ModelInfer", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")
 JSON = "application/json"
 
+MAX_BODY = web.AppKey("max_body", int)
 _CallDetails = namedtuple("_CallDetails", "method invocation_metadata")
 
 
@@ -114,7 +115,7 @@ async def _errors(request: web.Request, handler):
     except errors.MeshError as e:  # a malformed body, found before the servicer
         return error(STATUS_HTTP.get(status_of(e), 500), clip(str(e), STATUS_MESSAGE_CHARS))
     except web.HTTPRequestEntityTooLarge:
-        return error(413, f"request body over the limit of {request.app['max_body']} bytes "
+        return error(413, f"request body over the limit of {request.app[MAX_BODY]} bytes "
                      "(--max-message-mb)")
     except web.HTTPException as e:
         if e.status < 400:
@@ -310,7 +311,7 @@ def create_app(servicer, protection: Protection, max_body: int) -> tuple[web.App
                                                                           RestApi]:
     api = RestApi(servicer, protection, max_body)
     app = web.Application(middlewares=[_errors], client_max_size=max_body)
-    app["max_body"] = max_body
+    app[MAX_BODY] = max_body
     app.add_routes(routes(api))
     return app, api
 
