@@ -58,6 +58,7 @@ GUARDED = ("ServerMetadata", "ModelMetadata", "ModelReady", "ModelConfig", "Mode
 JSON = "application/json"
 
 MAX_BODY = web.AppKey("max_body", int)
+BODY_ENCODINGS = ("identity", "gzip", "deflate")  # request bodies aiohttp decodes for us
 _CallDetails = namedtuple("_CallDetails", "method invocation_metadata")
 
 
@@ -105,6 +106,10 @@ def _aborted(e: Abort) -> web.Response:
     return error(STATUS_HTTP.get(e.code, 500), e.details, retry)
 
 
+class UnsupportedEncoding(Exception):
+    """A request body in an encoding we cannot read: 415."""
+
+
 @web.middleware
 async def _errors(request: web.Request, handler):
     """Every failure as {"error": ...} with its status; responses compressed on request."""
@@ -114,6 +119,8 @@ async def _errors(request: web.Request, handler):
         return _aborted(e)
     except errors.MeshError as e:  # a malformed body, found before the servicer
         return error(STATUS_HTTP.get(status_of(e), 500), clip(str(e), STATUS_MESSAGE_CHARS))
+    except UnsupportedEncoding as e:
+        return error(415, str(e))
     except web.HTTPRequestEntityTooLarge:
         return error(413, f"request body over the limit of {request.app[MAX_BODY]} bytes "
                      "(--max-message-mb)")
@@ -167,6 +174,10 @@ class RestApi:
         read whole: at once by its Content-Length, else as soon as it grows past it."""
         if request.content_length is not None and request.content_length > self.max_body:
             raise web.HTTPRequestEntityTooLarge(self.max_body, request.content_length)
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in BODY_ENCODINGS:
+            raise UnsupportedEncoding(f"Content-Encoding {codec.shown(encoding)} is not supported "
+                                      f"(use {', '.join(BODY_ENCODINGS)})")
         try:
             return await request.read()
         except (RequestPayloadError, http_exceptions.HttpProcessingError) as e:
