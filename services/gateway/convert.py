@@ -10,6 +10,7 @@ from meshserve.common.datatypes import DATATYPES, datatype
 from meshserve.common.errors import InvalidInput
 from meshserve.common.repository import ModelConfig, TensorSpec
 from meshserve.common.validation import InputTensor, RequestedOutput
+from meshserve.gateway.core import Gateway, InferCall, InferOutcome
 from meshserve.pb.inference import grpc_service_pb2 as pb
 from meshserve.pb.inference import model_config_pb2 as mc
 from meshserve.pb.meshserve.v1 import batcher_pb2
@@ -263,3 +264,63 @@ def model_statistics(
     for b in s.batch_stats:
         stats.batch_stats.add(batch_size=b.batch_size, compute_infer=_duration(b.compute_infer))
     return stats
+
+
+# ------------------------------------------------- a ModelInferRequest through the gateway
+
+
+def _int_param(params: dict, key: str) -> int:
+    value = params.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"request parameter '{key}' must be an integer, got {value!r}")
+    return value
+
+
+# Triton's sequence batcher (stateful models) correlates requests by these parameters.
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+
+
+def to_call(request: pb.ModelInferRequest, time_remaining: float | None,
+            route_key: str = "") -> InferCall:
+    """Honoured parameters: priority, timeout, cache; sequence_* are refused; any other
+    parameter is ignored (Triton hands them to the backend; our models take none)."""
+    check_bounds(request)
+    values = params(request.parameters)
+    for key in SEQUENCE_PARAMETERS:
+        if key in values:
+            raise InvalidInput(
+                f"request parameter '{key}': sequence batching is not supported "
+                "(meshserve serves stateless models; send each request on its own)")
+    priority = _int_param(values, "priority")
+    timeout_us = _int_param(values, "timeout")
+    if timeout_us < 0:
+        raise InvalidInput(f"request parameter 'timeout' must be >= 0, got {timeout_us}")
+    timeouts = [t for t in (time_remaining, timeout_us / 1e6 if timeout_us else None) if t is not None]
+    use_cache = values.get("cache", True)
+    if not isinstance(use_cache, bool):
+        raise InvalidInput(f"request parameter 'cache' must be a bool, got {use_cache!r}")
+    if not request.model_name:
+        raise InvalidInput("model_name is required")
+    return InferCall(
+        model=request.model_name,
+        version=request.model_version,
+        inputs=infer_inputs(request),
+        outputs=requested_outputs(request),
+        priority=priority,
+        timeout_s=min(timeouts) if timeouts else None,
+        use_cache=use_cache,
+        route_key=route_key or request.id,
+    )
+
+
+async def infer_message(gateway: Gateway, request: pb.ModelInferRequest,
+                        time_remaining: float | None, key: str = "") -> pb.ModelInferResponse:
+    """One ModelInferRequest through the gateway (routing, cache, batcher) to its response:
+    the path of ModelInfer, ModelStreamInfer and async tasks alike."""
+    outcome: InferOutcome = await gateway.infer(to_call(request, time_remaining, key))
+    return infer_response(
+        request, outcome.version, outcome.outputs, outcome.cache_hit,
+        outcome.queue_ns, outcome.compute_ns, outcome.model,
+    )

@@ -20,6 +20,7 @@ from meshserve.gateway.config import Settings
 from meshserve.gateway.core import Gateway
 from meshserve.gateway.l1 import L1Cache, L1Collector
 from meshserve.gateway.servicer import GatewayMetrics, InferenceServicer
+from meshserve.gateway.tasks_path import GatewayPath
 from meshserve.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from meshserve.tasks import server as tasks_server
 
@@ -73,8 +74,9 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
         http = rest.RestServer(app, api, settings.host, settings.http_port, settings.reuse_port,
                                transport, settings.grace_s)
     # Async inference on the same port; gateway.tasks is its AsyncService.
-    gateway.tasks = tasks_server.attach(server, gateway, registry, settings.redis_url,
-                                        settings.async_runners, settings.queue_settings())
+    gateway.tasks = tasks_server.attach(server, GatewayPath(gateway), registry,
+                                        settings.redis_url, settings.async_runners,
+                                        settings.queue_settings())
     # Traffic management on the same port; gateway.router applies the policies.
     routing_servicer.attach(server, gateway, registry, settings.redis_url, settings.batcher,
                             transport)

@@ -18,7 +18,8 @@ from meshserve.common import errors, tracing
 from meshserve.common.auth import ADMIN, CALLER
 from meshserve.common.grpcutil import grpc_errors, status_of
 from meshserve.gateway import convert, protection
-from meshserve.gateway.core import Gateway, InferCall, InferOutcome
+from meshserve.gateway.convert import infer_message
+from meshserve.gateway.core import Gateway
 from meshserve.pb.inference import grpc_service_pb2 as pb
 from meshserve.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -50,52 +51,6 @@ class GatewayMetrics:
         )
 
 
-def _int_param(params: dict, key: str) -> int:
-    value = params.get(key)
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise errors.InvalidInput(f"request parameter '{key}' must be an integer, got {value!r}")
-    return value
-
-
-# Triton's sequence batcher (stateful models) correlates requests by these parameters.
-SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
-
-
-def to_call(request: pb.ModelInferRequest, time_remaining: float | None,
-            route_key: str = "") -> InferCall:
-    """Honoured parameters: priority, timeout, cache; sequence_* are refused; any other
-    parameter is ignored (Triton hands them to the backend; our models take none)."""
-    convert.check_bounds(request)
-    params = convert.params(request.parameters)
-    for key in SEQUENCE_PARAMETERS:
-        if key in params:
-            raise errors.InvalidInput(
-                f"request parameter '{key}': sequence batching is not supported "
-                "(meshserve serves stateless models; send each request on its own)")
-    priority = _int_param(params, "priority")
-    timeout_us = _int_param(params, "timeout")
-    if timeout_us < 0:
-        raise errors.InvalidInput(f"request parameter 'timeout' must be >= 0, got {timeout_us}")
-    timeouts = [t for t in (time_remaining, timeout_us / 1e6 if timeout_us else None) if t is not None]
-    use_cache = params.get("cache", True)
-    if not isinstance(use_cache, bool):
-        raise errors.InvalidInput(f"request parameter 'cache' must be a bool, got {use_cache!r}")
-    if not request.model_name:
-        raise errors.InvalidInput("model_name is required")
-    return InferCall(
-        model=request.model_name,
-        version=request.model_version,
-        inputs=convert.infer_inputs(request),
-        outputs=convert.requested_outputs(request),
-        priority=priority,
-        timeout_s=min(timeouts) if timeouts else None,
-        use_cache=use_cache,
-        route_key=route_key or request.id,
-    )
-
-
 def route_key(context) -> str:
     """Sticky routing key: gRPC metadata x-route-key ("" when absent)."""
     return route_and_trace(context.invocation_metadata(), 0.0)[0]
@@ -114,17 +69,6 @@ def route_and_trace(metadata, sample_ratio: float) -> tuple[str, tracing.TraceCo
     if trace is None and sample_ratio > 0 and random.random() < sample_ratio:
         trace = tracing.new_context(True)
     return key, trace
-
-
-async def infer_message(gateway: Gateway, request: pb.ModelInferRequest,
-                        time_remaining: float | None, key: str = "") -> pb.ModelInferResponse:
-    """One ModelInferRequest through the gateway (routing, cache, batcher) to its response:
-    the path of ModelInfer, ModelStreamInfer and async tasks alike."""
-    outcome: InferOutcome = await gateway.infer(to_call(request, time_remaining, key))
-    return convert.infer_response(
-        request, outcome.version, outcome.outputs, outcome.cache_hit,
-        outcome.queue_ns, outcome.compute_ns, outcome.model,
-    )
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):

@@ -1,8 +1,8 @@
 """python -m meshserve.tasks (`meshserve async-runner`): runs async inference tasks."""
 
 from meshserve.common import logs
+from meshserve.gateway.async_runner import serve
 from meshserve.tasks.config import from_args
-from meshserve.tasks.server import serve
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
+from typing import Protocol
 
 from meshserve.common.errors import InvalidInput, NotFound
 from meshserve.tasks.metrics import TaskMetrics
@@ -19,6 +20,17 @@ MAX_IDEMPOTENCY_KEY_CHARS = 256
 # A watcher re-reads its task at least this often, in case a change notification was lost
 # (Redis pub/sub is at most once, e.g. across a reconnect).
 WATCH_RESYNC_S = 5.0
+
+
+class InferencePath(Protocol):
+    """What tasks run through, and the checks a task gets at submit: the gateway's path
+    (gateway.tasks_path.GatewayPath). Tasks know no more of the gateway than this."""
+
+    async def __call__(self, request: bytes, timeout_s: float) -> bytes:
+        """Runs one task (a serialized ModelInferRequest): the serialized response."""
+
+    def new_task(self, request, idempotency_key: str, owner: str = "") -> NewTask:
+        """A task for a ModelInferRequest, or the error a bad one gets at submit."""
 
 
 def _unknown(task_id: str) -> NotFound:

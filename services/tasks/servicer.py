@@ -8,8 +8,7 @@ from meshserve.common.grpcutil import grpc_errors
 from meshserve.pb.inference import grpc_service_pb2 as pb
 from meshserve.pb.meshserve.v1 import async_inference_pb2 as apb
 from meshserve.pb.meshserve.v1 import async_inference_pb2_grpc as apb_grpc
-from meshserve.tasks.core import AsyncTasks
-from meshserve.tasks.gateway_path import GatewayPath
+from meshserve.tasks.core import AsyncTasks, InferencePath
 from meshserve.tasks.records import TaskView
 
 
@@ -25,7 +24,7 @@ def to_task(view: TaskView) -> apb.Task:
 
 
 class AsyncInferenceServicer(apb_grpc.AsyncInferenceServicer):
-    def __init__(self, tasks: AsyncTasks, path: GatewayPath):
+    def __init__(self, tasks: AsyncTasks, path: InferencePath):
         self.tasks = tasks
         self.path = path
 

@@ -24,3 +24,20 @@ def test_no_pickle_in_tasks():
                 continue
             assert not names & BANNED, f"{path.name}:{node.lineno} uses {names & BANNED}"
         assert "pickle" not in path.read_text().lower().replace("no pickle", ""), path.name
+
+
+def test_tasks_import_nothing_from_the_gateway():
+    """Tasks run through an InferencePath (tasks.core); only the process entry
+    (python -m meshserve.tasks) composes the runner with the gateway's path."""
+    root = Path(meshserve.tasks.__file__).parent
+    files = sorted(p for p in root.rglob("*.py") if p.name != "__main__.py")
+    assert len(files) >= 10
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            else:
+                continue
+            assert not [m for m in modules if m.startswith("meshserve.gateway")], path

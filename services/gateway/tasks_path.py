@@ -1,13 +1,14 @@
-"""Tasks through the gateway's normal path: the same InferCall (servicer.to_call), the same
-Gateway.infer (cache, then batcher) and the same response (convert.infer_response) as a
-synchronous ModelInfer; plus the cheap checks a Submit gets before its task is queued."""
+"""The gateway's path for async tasks (tasks.core.InferencePath): the same InferCall
+(convert.to_call), the same Gateway.infer (routing, cache, then batcher) and the same
+response (convert.infer_response) as a synchronous ModelInfer; plus the cheap checks a
+Submit gets before its task is queued."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+from meshserve.gateway.convert import infer_message, to_call
 from meshserve.gateway.core import Gateway
-from meshserve.gateway.servicer import infer_message, to_call
 from meshserve.pb.inference import grpc_service_pb2 as pb
 from meshserve.tasks.records import NewTask
 
