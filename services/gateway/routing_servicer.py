@@ -79,14 +79,14 @@ class RoutingServicer(rpb_grpc.RoutingServicer):
 
 
 def attach(server, gateway: Gateway, registry: CollectorRegistry, redis_url: str,
-           batcher_target: str, transport: Transport | None = None) -> Router:
+           batcher_target: str, transport: Transport | None = None, protection=None) -> Router:
     """Serves meshserve.v1.Routing on the gateway's server; policies shared through Redis
     (when redis_url is set) or the (first) batcher's RoutingStore. Start the router after."""
     if redis_url:
         store = RedisPolicyStore(redis_url)
     else:
         store = BatcherPolicyStore(split_targets(batcher_target)[0], transport=transport)
-    router = Router(gateway, registry, store)
+    router = Router(gateway, registry, store, protection=protection)
     gateway.router = router
     rpb_grpc.add_RoutingServicer_to_server(RoutingServicer(router), server)
     return router

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
+import grpc
 from prometheus_client import CollectorRegistry
 
 from meshserve.batcher.client import BatcherClient
@@ -21,6 +23,7 @@ from meshserve.gateway.core import Gateway
 from meshserve.gateway.l1 import L1Cache, L1Collector
 from meshserve.gateway.servicer import GatewayMetrics, InferenceServicer
 from meshserve.gateway.tasks_path import GatewayPath
+from meshserve.gateway.traffic import Router
 from meshserve.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from meshserve.tasks import server as tasks_server
 
@@ -31,9 +34,24 @@ SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].f
 SERVICES = [SERVICE, tasks_server.SERVICE, routing_servicer.SERVICE]
 
 
-async def create_server(settings: Settings, registry: CollectorRegistry | None = None):
-    """Returns (server, port, health, gateway, rest server or None); the caller starts and
-    stops them. The HTTP listener calls the same servicer, through the same protection."""
+@dataclass(frozen=True, slots=True)
+class GatewayProcess:
+    """Everything create_server wires; serve starts and stops it in order."""
+
+    server: grpc.aio.Server
+    port: int
+    health: object  # grpc_health's servicer
+    gateway: Gateway
+    http: rest.RestServer | None
+    protection: protection.Protection
+    tasks: tasks_server.AsyncService
+    router: Router
+
+
+async def create_server(settings: Settings, registry: CollectorRegistry | None = None
+                        ) -> GatewayProcess:
+    """The gateway's parts, wired; the caller starts and stops them. The HTTP listener
+    calls the same servicer, through the same protection."""
     registry = registry or CollectorRegistry()
     transport = settings.transport  # TLS / mTLS and compression of the port and the channels
     batcher = BatcherClient(settings.batcher, transport=transport)
@@ -54,7 +72,7 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
     # API keys, rate limits, load shedding: one interceptor (gateway/protection.py), only
     # when there are keys or limits; else the servicer sheds load past the concurrency
     # limit itself (an interceptor costs every call).
-    gateway.protection = p = protection.create(settings, registry)
+    p = protection.create(settings, registry)
     intercept = p.auth or p.limiting
     server, port, health = grpcutil.new_server(
         f"{settings.host}:{settings.port}", SERVICES, settings.max_message_mb * MiB,
@@ -73,14 +91,14 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
                                    settings.max_message_mb * MiB)
         http = rest.RestServer(app, api, settings.host, settings.http_port, settings.reuse_port,
                                transport, settings.grace_s)
-    # Async inference on the same port; gateway.tasks is its AsyncService.
-    gateway.tasks = tasks_server.attach(server, GatewayPath(gateway), registry,
+    # Async inference on the same port.
+    tasks = tasks_server.attach(server, GatewayPath(gateway), registry,
                                         settings.redis_url, settings.async_runners,
                                         settings.queue_settings())
     # Traffic management on the same port; gateway.router applies the policies.
-    routing_servicer.attach(server, gateway, registry, settings.redis_url, settings.batcher,
-                            transport)
-    return server, port, health, gateway, http
+    router = routing_servicer.attach(server, gateway, registry, settings.redis_url,
+                                     settings.batcher, transport, protection=p)
+    return GatewayProcess(server, port, health, gateway, http, p, tasks, router)
 
 
 async def _wait_for_batcher(gateway: Gateway) -> None:
@@ -94,7 +112,9 @@ async def _wait_for_batcher(gateway: Gateway) -> None:
 async def serve(settings: Settings) -> None:
     registry = CollectorRegistry()
     tracing.setup("meshserve-gateway", settings.transport.otlp_endpoint)
-    server, port, health, gateway, http = await create_server(settings, registry)
+    parts = await create_server(settings, registry)
+    server, port, health, gateway, http = (parts.server, parts.port, parts.health,
+                                           parts.gateway, parts.http)
     await gateway.batcher.start()
     if gateway.cache is not None:
         await gateway.cache.start()
@@ -105,8 +125,8 @@ async def serve(settings: Settings) -> None:
              http_port if http is not None else "off")
     await _wait_for_batcher(gateway)
     await gateway.control.start(gateway.apply_control)
-    await gateway.tasks.start()
-    await gateway.router.start()
+    await parts.tasks.start()
+    await parts.router.start()
     await grpcutil.set_serving(health, SERVICES, True)
     if http is not None:
         http.api.serving = True
@@ -115,11 +135,11 @@ async def serve(settings: Settings) -> None:
     await grpcutil.wait_for_signal()
     log.info("draining for up to %.1fs", settings.grace_s)
     await grpcutil.set_serving(health, SERVICES, False)
-    await asyncio.gather(server.stop(settings.grace_s), gateway.tasks.stop(settings.grace_s),
+    await asyncio.gather(server.stop(settings.grace_s), parts.tasks.stop(settings.grace_s),
                          *([http.stop()] if http is not None else []))
-    await gateway.router.close()
+    await parts.router.close()
     await gateway.control.close()
-    await gateway.protection.close()
+    await parts.protection.close()
     await gateway.batcher.close()
     if gateway.cache is not None:
         await gateway.cache.close()

@@ -108,8 +108,11 @@ class PolicyStore:
 class Router:
     def __init__(self, gateway: Gateway, registry: CollectorRegistry,
                  store: PolicyStore | None = None, draw: Callable[[], float] = random.random,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, protection=None):
+        """protection: the gateway's gateway.protection.Protection (None: no limits), which
+        charges alias targets, fallbacks and shadows like requests of their own."""
         self.gateway = gateway
+        self.protection = protection
         self.store = store or PolicyStore()
         self.registry = registry
         self.metrics = RoutingMetrics(registry)
@@ -351,9 +354,8 @@ class Router:
     async def _charge(self, model: str) -> None:
         """A request served by another model than it named (an alias target, a fallback)
         takes a token from that model's rate limit too: Overloaded when it has none."""
-        protection = getattr(self.gateway, "protection", None)
-        if protection is not None:
-            denied = await protection.charge(model)
+        if self.protection is not None:
+            denied = await self.protection.charge(model)
             if denied is not None:
                 raise Overloaded(denied.message)
 
@@ -365,7 +367,7 @@ class Router:
             self.metrics.shadow_dropped.labels(call.model).inc()
             return
         # A shadow is a request like any other: a gateway concurrency slot and a token.
-        protection = getattr(self.gateway, "protection", None)
+        protection = self.protection
         if protection is not None and protection.acquire() is not None:
             self._gate.leave()
             self.metrics.shadow_dropped.labels(call.model).inc()
