@@ -1,8 +1,9 @@
 """`meshserve up`: the whole mesh on one machine, each service its own supervised process.
 
 Starts the cache, one model worker per visible GPU (else one CPU worker; --workers M for
-M of them, spread over the GPUs), the batcher and the gateway (--gateways N: N processes
-sharing the port with SO_REUSEPORT); waits until each is healthy; loads the repository's
+M of them, spread over the GPUs), the batcher (--batchers K: K of them, every gateway
+reaching all) and the gateway (--gateways N: N processes sharing the port with
+SO_REUSEPORT); waits until each is healthy; loads the repository's
 models; prints the address, every service's metrics address and a client command;
 prefixes every log line with its service's name.
 
@@ -31,12 +32,14 @@ import contextlib
 import errno
 import json
 import os
+import queue
 import re
 import shutil
 import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -82,6 +85,21 @@ class ServiceSpec:
     port: int = 0
     metrics_port: int = 0
 
+    def bound(self, ports: dict) -> ServiceSpec:
+        """This spec with the ports the service bound (its port file: {"grpc": ..,
+        "metrics": .., "http": ..}) in place of any-free-port ones, so that a restart binds
+        them again: its peers' addresses stay valid."""
+        flags = list(self.flags)
+        for name, port in ports.items():
+            flag = f"--{name}-port"
+            if name not in ("grpc", "metrics") and port and flag in flags[:-1]:
+                i = flags.index(flag) + 1
+                if flags[i] == "0":
+                    flags[i] = str(port)
+        metrics = ports.get("metrics")
+        return replace(self, port=ports["grpc"], flags=tuple(flags),
+                       metrics_port=self.metrics_port if metrics is None else metrics)
+
     def argv(self, port_file: Path, log_level: str) -> list[str]:
         return [sys.executable, "-m", KINDS[self.kind].module, "--host", self.host,
                 "--port", str(self.port), "--metrics-port", str(self.metrics_port),
@@ -97,12 +115,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     f.add("--model-repository", str, "models", "model repository folder")
     f.add("--devices", str, "auto", "'auto' (one worker per GPU, else CPU), 'cpu', or cuda:0,cuda:1")
     f.add("--redis-url", str, os.environ.get("REDIS_URL", ""),
-          "Redis for the cache, durable async tasks, routing policies and shared rate limits; "
+          "Redis for the cache, durable async tasks, routing policies, shared rate limits and "
+          "the model control of every batcher and gateway; "
           "empty: everything in memory", env="REDIS_URL")
     f.add("--log-level", str, "INFO", "log level of every service")
     # MESHSERVE_UP_*: MESHSERVE_WORKERS is the batcher's worker list.
     f.add("--gateways", int, 1, "gateway processes, sharing --port with SO_REUSEPORT",
           env="MESHSERVE_UP_GATEWAYS")
+    f.add("--batchers", int, 1, "batcher processes; every gateway reaches all of them",
+          env="MESHSERVE_UP_BATCHERS")
     f.add("--workers", int, 0, "model workers (0: one per GPU, else one on the CPU)",
           env="MESHSERVE_UP_WORKERS")
     f.add("--tls-dir", str, "", "mTLS between the services and TLS on the gateway, from "
@@ -118,8 +139,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = f.parse(argv)
     if args.up_metrics_port is None:
         args.up_metrics_port = args.metrics_port + 1 if args.metrics_port > 0 else args.metrics_port
-    if args.gateways < 1 or args.workers < 0 or args.restart_limit < 0:
-        f.parser.error("--gateways must be >= 1, --workers and --restart-limit >= 0")
+    if args.gateways < 1 or args.batchers < 1 or args.workers < 0 or args.restart_limit < 0:
+        f.parser.error("--gateways and --batchers must be >= 1, --workers and "
+                       "--restart-limit >= 0")
     if args.tls_dir:
         missing = [n for n in TLS_FILES if not (Path(args.tls_dir) / n).is_file()]
         if missing:
@@ -214,7 +236,7 @@ class Lines:
 
 
 def write(out, text: str) -> None:
-    """A line to our output; a closed or broken terminal (SIGHUP) loses it, nothing else."""
+    """Text to a stream; a closed or broken terminal (SIGHUP) loses it, nothing else."""
     try:
         out.write(text)
         out.flush()
@@ -222,8 +244,60 @@ def write(out, text: str) -> None:
         pass
 
 
+class Output:
+    """Where `up` writes its services' lines and its own: a thread does the blocking writes,
+    so a terminal that does not read (Ctrl-S, a paused pager) never stops `up` from reading
+    its services' pipes (a service blocks when its pipe is full). Past MAX_PENDING pieces
+    waiting, new ones are dropped, and the next written says how many."""
+
+    MAX_PENDING = 1024  # pieces (a piece: the lines of one read, at most ~64 KiB)
+
+    def __init__(self, stream, max_pending: int = MAX_PENDING):
+        self.stream = stream
+        self.dropped = 0
+        self._queue: queue.Queue = queue.Queue(max_pending)
+        threading.Thread(target=self._run, name="up-output", daemon=True).start()
+
+    def isatty(self) -> bool:
+        try:
+            return self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def write(self, text: str) -> None:
+        try:
+            self._queue.put_nowait(text)
+        except queue.Full:
+            self.dropped += 1
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Waits (at most timeout_s) until everything queued so far is written."""
+        done = threading.Event()
+        try:
+            self._queue.put(done, timeout=timeout_s)
+        except queue.Full:
+            return False
+        return done.wait(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            dropped, self.dropped = self.dropped, 0  # a lost count or two is no harm
+            if dropped:
+                item = f"{'up':>9} | [{dropped} pieces of output dropped: not read]\n" + item
+            write(self.stream, item)
+
+
 def say(message: str, out=None) -> None:
-    write(out or sys.stdout, f"{'up':>9} | {message}\n")
+    """One line of `up`'s own, to an Output or a stream (default: stdout)."""
+    text = f"{'up':>9} | {message}\n"
+    if isinstance(out, Output):
+        out.write(text)
+    else:
+        write(out or sys.stdout, text)
 
 
 def _die_with_parent():
@@ -253,13 +327,14 @@ def describe_exit(code: int) -> str:
 
 
 _LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ ")
+_CRITICAL = re.compile(r"^.*? CRITICAL [\w.]+: ")
 
 
 def stop_cause(lines: list[str]) -> str:
     """See Service.cause."""
     for line in reversed(lines):
         if " CRITICAL " in line:
-            return _LOG_PREFIX.sub("", line.strip())
+            return _CRITICAL.sub("", line.strip())
     cause, in_traceback, ignored = "", False, False
     for i, line in enumerate(lines):
         if line.startswith("Traceback (most recent call last):"):
@@ -283,7 +358,7 @@ class Service:
     def __init__(self, spec: ServiceSpec, folder: Path, log_level: str, out=None):
         self.spec, self.log_level = spec, log_level
         self.port_file = folder / f"{spec.name}.json"
-        self.out = out or sys.stdout
+        self.out = out if isinstance(out, Output) else Output(out or sys.stdout)
         self.proc: asyncio.subprocess.Process | None = None
         self.pump: asyncio.Task | None = None
         self.ports: dict = {}
@@ -320,10 +395,7 @@ class Service:
     async def _pump(self, stream: asyncio.StreamReader) -> None:
         """Every line the service prints, prefixed with its name, until its output ends."""
         color = COLORS.get(self.kind, 0)
-        try:
-            tty = self.out.isatty()
-        except (OSError, ValueError):
-            tty = False
+        tty = self.out.isatty()
         tag = f"\033[{color}m{self.name:>9}\033[0m |" if tty else f"{self.name:>9} |"
         lines = Lines()
         while chunk := await stream.read(READ_CHUNK):
@@ -333,7 +405,7 @@ class Service:
     def _show(self, tag: str, lines: list[str]) -> None:
         if lines:
             self.tail.extend(lines)
-            write(self.out, "".join(f"{tag} {line}\n" for line in lines))
+            self.out.write("".join(f"{tag} {line}\n" for line in lines))
 
     def cause(self) -> str:
         """Why the service stopped, from its last lines: its one-line failure (logs.run),
@@ -357,10 +429,7 @@ class Service:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.proc.wait()), 0.1)
         self.ports = json.loads(self.port_file.read_text())
-        metrics_port = self.ports.get("metrics")
-        self.spec = replace(self.spec, port=self.ports["grpc"],
-                            metrics_port=self.spec.metrics_port if metrics_port is None
-                            else metrics_port)
+        self.spec = self.spec.bound(self.ports)
         return self.ports
 
     async def stop(self, timeout_s: float = 15) -> None:
@@ -405,17 +474,18 @@ class LocalMesh:
                  batcher_flags: tuple[str, ...] = (), gateways: int = 1,
                  gateway_flags: tuple[str, ...] = (), tls_dir: str = "",
                  restart_limit: int = RESTART_LIMIT, restart_first_s: float = RESTART_FIRST_S,
-                 http_port: int = -1):
+                 http_port: int = -1, batchers: int = 1):
         """devices: one model worker each; gateways: processes sharing `port`
-        (SO_REUSEPORT)."""
+        (SO_REUSEPORT); batchers: each gateway reaches every one."""
         if gateways < 1:
             raise ValueError(f"gateways must be >= 1, got {gateways}")
-        self.gateways = gateways
+        self.gateways, self.batchers = gateways, batchers
         self.repo = str(Path(model_repository).resolve())
         self.devices, self.redis_url = devices, redis_url
         self.host, self.port, self.metrics_port = host, port, metrics_port
         self.http_port = http_port  # the gateways' HTTP/JSON port (-1: off); the bound one once up
         self.log_level, self.log_file = log_level, log_file
+        self.out = Output(log_file or sys.stdout)  # every service's lines and ours
         self.worker_flags, self.batcher_flags = worker_flags, batcher_flags
         self.gateway_flags = gateway_flags
         self.tls_dir = tls_dir  # mTLS inside, TLS on the gateway; "": plaintext
@@ -430,10 +500,10 @@ class LocalMesh:
         self._supervisors: list[asyncio.Task] = []
 
     def say(self, message: str) -> None:
-        say(message, self.log_file)
+        say(message, self.out)
 
     async def _start(self, spec: ServiceSpec) -> Service:
-        service = Service(spec, self.tmp, self.log_level, self.log_file)
+        service = Service(spec, self.tmp, self.log_level, self.out)
         self.children.append(service)
         await service.launch()
         self.metrics.running.labels(spec.name).set(1)
@@ -457,11 +527,13 @@ class LocalMesh:
         ]
         cache_port = (await cache.ready())["grpc"]
         worker_ports = [(await w.ready())["grpc"] for w in workers]
-        batcher = await self._start(ServiceSpec("batcher", "batcher", (
-            *internal, "--model-repository", self.repo,
-            "--workers", ",".join(f"127.0.0.1:{p}" for p in worker_ports), "--load", "all",
-            *self.batcher_flags)))
-        batcher_port = (await batcher.ready())["grpc"]
+        batchers = [await self._start(ServiceSpec(
+            "batcher" if self.batchers == 1 else f"batcher-{i}", "batcher", (
+                *internal, "--model-repository", self.repo,
+                "--workers", ",".join(f"127.0.0.1:{p}" for p in worker_ports), "--load", "all",
+                *cache_flags, *self.batcher_flags)))  # Redis: the cluster's model control
+            for i in range(self.batchers)]
+        batcher_target = ",".join([f"127.0.0.1:{(await b.ready())['grpc']}" for b in batchers])
         port, http_port = self.port, self.http_port
         for i in range(self.gateways):
             # The first binds the port (it may be 0); the others join it with SO_REUSEPORT.
@@ -469,14 +541,14 @@ class LocalMesh:
             gateway = await self._start(ServiceSpec(
                 "gateway" if self.gateways == 1 else f"gateway-{i}", "gateway",
                 ("--model-repository", self.repo, "--reuse-port", str(self.gateways > 1),
-                 "--batcher", f"127.0.0.1:{batcher_port}", "--cache", f"127.0.0.1:{cache_port}",
+                 "--batcher", batcher_target, "--cache", f"127.0.0.1:{cache_port}",
                  *cache_flags, *internal, "--http-port", str(http_port), *self.gateway_flags),
                 host=self.host, port=port, metrics_port=metrics_port))
             ports = await gateway.ready()
             port, http_port = ports["grpc"], ports.get("http", -1)
         self.http_port = http_port
         self.gateway_address = f"127.0.0.1:{port}"
-        await load_models(self.gateway_address, self.repo, self.tls_dir, self.log_file)
+        await load_models(self.gateway_address, self.repo, self.tls_dir, self.out)
         self._supervisors = [asyncio.create_task(self._supervise(s)) for s in self.children]
 
     def metrics_addresses(self) -> list[tuple[str, str]]:
@@ -502,8 +574,9 @@ class LocalMesh:
             if service.quick_crashes > self.restart_limit:
                 service.gave_up = True
                 self.metrics.gave_up.labels(service.name).set(1)
-                self._lost(service, f"{service.name} crashed {service.quick_crashes} times in "
-                           f"a row, each within {QUICK_CRASH_S:.0f}s of its start; giving up on "
+                n = service.quick_crashes
+                self._lost(service, f"{service.name} crashed {n} times in a row ({n - 1} "
+                           f"restarts, each ending within {QUICK_CRASH_S:.0f}s); giving up on "
                            f"it (last: {why})")
                 return
             delay_s = min(self.restart_first_s * 2 ** (service.quick_crashes - 1),
@@ -548,6 +621,7 @@ class LocalMesh:
             await asyncio.gather(*(s.stop() for s in self.children
                                    if KINDS[s.kind].stop_order == order))
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self.out.flush()
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -555,13 +629,17 @@ async def run(args: argparse.Namespace) -> int:
                           (args.host, args.metrics_port, "gateway metrics, --metrics-port"),
                           (args.host, args.http_port, "gateway HTTP, --http-port"),
                           (args.host, args.up_metrics_port, "up metrics, --up-metrics-port")])
+    if not Path(args.model_repository).is_dir():
+        problem = (f"--model-repository {args.model_repository}: no such folder; nothing was "
+                   "started")
     if problem:
         say(problem)
         return 1
     mesh = LocalMesh(args.model_repository, devices(args.devices, args.workers),
                      args.redis_url, args.host, args.port, args.metrics_port, args.log_level,
                      gateways=args.gateways, tls_dir=args.tls_dir,
-                     restart_limit=args.restart_limit, http_port=args.http_port)
+                     restart_limit=args.restart_limit, http_port=args.http_port,
+                     batchers=args.batchers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -587,33 +665,37 @@ async def run(args: argparse.Namespace) -> int:
             with contextlib.suppress(BaseException):
                 await up_task
         if failure:
-            say(f"{failure}; stopping the mesh")
+            mesh.say(f"{failure}; stopping the mesh")
     finally:
-        say("stopping: gateway, batcher, then workers and cache")
+        mesh.say("stopping: gateway, batcher, then workers and cache")
         await mesh.stop()
     # The cause once more as the very last line, below the services' own stop messages.
-    say(f"stopped: {failure}" if failure else "stopped")
+    mesh.say(f"stopped: {failure}" if failure else "stopped")
+    mesh.out.flush()
     return 1 if failure else 0
 
 
 def announce(mesh: LocalMesh, args: argparse.Namespace, up_metrics_port: int | None) -> None:
     port = mesh.gateway_address.rsplit(":", 1)[1]
-    gateways = f" ({args.gateways} gateways)" if args.gateways > 1 else ""
-    say(f"meshserve is serving on {args.host}:{port}{gateways}")
+    gateways = f" ({args.gateways} gateways, {args.batchers} batchers)" \
+        if args.gateways > 1 or args.batchers > 1 else ""
+    mesh.say(f"meshserve is serving on {args.host}:{port}{gateways}")
     addresses = mesh.metrics_addresses()
     if up_metrics_port:
         addresses.append(("up", f"http://{args.host}:{up_metrics_port}/metrics"))
     for i, (name, url) in enumerate(addresses):
-        say(f"{'metrics:' if i == 0 else '':<9}{name:<10}{url}")
+        mesh.say(f"{'metrics:' if i == 0 else '':<9}{name:<10}{url}")
     tls = f" --tls-ca {Path(args.tls_dir) / 'ca.crt'}" if args.tls_dir else ""
-    say("try:  .venv/bin/meshserve infer digits --input-file models/digits/example.json" + tls)
+    mesh.say("try:  .venv/bin/meshserve infer digits --input-file models/digits/example.json" + tls)
     if mesh.http_port >= 0:
-        say(f"http: curl -s {'https' if tls else 'http'}://{args.host}:{mesh.http_port}"
+        mesh.say(f"http: curl -s {'https' if tls else 'http'}://{args.host}:{mesh.http_port}"
             "/v2/models/digits" + tls.replace("--tls-ca", "--cacert"))
-    say("stop: Ctrl-C")
+    mesh.say("stop: Ctrl-C")
 
 
 async def load_models(target: str, repo: str, tls_dir: str = "", out=None) -> None:
+    import grpc
+
     from meshserve.client import AsyncClient
 
     tls = {"tls_ca": str(Path(tls_dir) / "ca.crt")} if tls_dir else {}
@@ -630,7 +712,9 @@ async def load_models(target: str, repo: str, tls_dir: str = "", out=None) -> No
                 await client.load_model(name)
                 say(f"model '{name}' loaded", out)
             except Exception as e:  # noqa: BLE001 - one bad model must not stop the mesh
-                say(f"model '{name}' failed to load: {e}", out)
+                why = (f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError)
+                       else str(e))
+                say(f"model '{name}' failed to load: {why}", out)
 
 
 def main(argv: list[str]) -> int:

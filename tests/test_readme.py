@@ -1,5 +1,5 @@
 """README's python and bash snippets, run as written against a real `meshserve up` (its
-address put where the snippets say 127.0.0.1:8001). Snippets of `make` targets (CI runs
+addresses put where the snippets say 127.0.0.1:8001 and localhost:8000). Snippets of `make` targets (CI runs
 those) and snippets marked `<!-- not run by tests/test_readme.py: why -->` are skipped."""
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def test_snippet_runs_as_written(mesh, line, lang, code):
     if lang == "python":
         command = [sys.executable, "-c", code.replace("127.0.0.1:8001", mesh.url)]
     else:
-        command = ["bash", "-euo", "pipefail", "-c", code]
+        command = ["bash", "-euo", "pipefail", "-c",
+                   code.replace("localhost:8000", f"localhost:{mesh.http_port}")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT,
                             env=env)
     assert result.returncode == 0, f"README.md line {line}:\n{result.stdout}\n{result.stderr}"

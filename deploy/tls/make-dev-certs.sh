@@ -5,13 +5,22 @@
 #
 # writes into DIR (created if needed):
 #   ca.crt, ca.key          the CA (keep ca.key out of the cluster)
-#   tls.crt, tls.key        the services' certificate, for serving and for calling the
-#                           other services (serverAuth + clientAuth); SANs: localhost,
-#                           127.0.0.1, ::1, and meshserve-{gateway,batcher,worker,cache} with
-#                           their .NAMESPACE, .NAMESPACE.svc and .NAMESPACE.svc.cluster.local
-#                           forms (NAMESPACE: env NAMESPACE, default meshserve), plus every
-#                           EXTRA_NAME (a DNS name, or an IP address)
-#   client.crt, client.key  a client certificate (clientAuth) for external clients
+#   tls.crt, tls.key        one certificate shared by every service (CN meshserve), for
+#                           serving and for calling the other services (serverAuth +
+#                           clientAuth); SANs: localhost, 127.0.0.1, ::1, and
+#                           meshserve-{gateway,batcher,worker,cache} with their .NAMESPACE,
+#                           .NAMESPACE.svc and .NAMESPACE.svc.cluster.local forms (NAMESPACE:
+#                           env NAMESPACE, default meshserve), plus every EXTRA_NAME (a DNS
+#                           name, or an IP address)
+#   SERVICE.crt, SERVICE.key  one certificate per service (gateway, batcher, worker, cache,
+#                           async-runner): CN meshserve-SERVICE, SANs its own names (and
+#                           localhost, 127.0.0.1, ::1, EXTRA_NAMEs). A service's identity is
+#                           its CN: --tls-allowed-clients names who may call it (a worker:
+#                           meshserve-batcher; the cache: meshserve-gateway,...)
+#   client-ca.crt, client-ca.key  a SEPARATE CA for external clients (the gateway's
+#                           --tls-client-ca): its certificates open no internal port
+#   client.crt, client.key  a client certificate (clientAuth) for external clients, signed
+#                           by client-ca
 # Development only: EC P-256 keys, valid DAYS days (default 365), no revocation.
 set -euo pipefail
 
@@ -24,42 +33,58 @@ mkdir -p "$out"
 cd "$out"
 umask 077
 
-sans="DNS:localhost,IP:127.0.0.1,IP:::1"
-for svc in gateway batcher worker cache; do
-  name="meshserve-$svc"
-  sans="$sans,DNS:$name,DNS:$name.$ns,DNS:$name.$ns.svc,DNS:$name.$ns.svc.cluster.local"
-done
+local_sans="DNS:localhost,IP:127.0.0.1,IP:::1"
 for extra in "$@"; do
-  if [[ $extra =~ ^[0-9.]+$ || $extra == *:* ]]; then sans="$sans,IP:$extra"; else sans="$sans,DNS:$extra"; fi
+  if [[ $extra =~ ^[0-9.]+$ || $extra == *:* ]]; then
+    local_sans="$local_sans,IP:$extra"
+  else
+    local_sans="$local_sans,DNS:$extra"
+  fi
+done
+names() { echo "DNS:$1,DNS:$1.$ns,DNS:$1.$ns.svc,DNS:$1.$ns.svc.cluster.local"; }
+sans="$local_sans"
+for svc in gateway batcher worker cache; do
+  sans="$sans,$(names "meshserve-$svc")"
 done
 
 key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
 
-key ca.key
-openssl req -x509 -new -key ca.key -sha256 -days "$days" -subj "/CN=meshserve dev CA" \
-  -addext "basicConstraints=critical,CA:TRUE" \
-  -addext "keyUsage=critical,keyCertSign,cRLSign" -out ca.crt
+# make_ca NAME CN: NAME.key + self-signed NAME.crt
+make_ca() {
+  key "$1.key"
+  openssl req -x509 -new -key "$1.key" -sha256 -days "$days" -subj "/CN=$2" \
+    -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign" -out "$1.crt"
+}
+make_ca ca "meshserve dev CA"
+make_ca client-ca "meshserve dev client CA"
 
-# sign NAME SUBJECT EXTENSIONS: NAME.key + NAME.crt signed by the CA
+# sign CA NAME SUBJECT EXTENSIONS: NAME.key + NAME.crt signed by CA
 sign() {
   local ext
   ext=$(mktemp)
-  printf '%s\n' "$3" > "$ext"
-  key "$1.key"
-  openssl req -new -key "$1.key" -subj "$2" -out "$1.csr"
-  openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -sha256 \
-    -days "$days" -extfile "$ext" -out "$1.crt" 2>/dev/null
-  rm -f "$1.csr" "$ext"
+  printf '%s\n' "$4" > "$ext"
+  key "$2.key"
+  openssl req -new -key "$2.key" -subj "$3" -out "$2.csr"
+  openssl x509 -req -in "$2.csr" -CA "$1.crt" -CAkey "$1.key" -CAcreateserial -sha256 \
+    -days "$days" -extfile "$ext" -out "$2.crt" 2>/dev/null
+  rm -f "$2.csr" "$ext"
 }
-
-sign tls "/CN=meshserve" "basicConstraints=critical,CA:FALSE
+service_ext() {
+  echo "basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth,clientAuth
-subjectAltName=$sans"
-sign client "/CN=meshserve-client" "basicConstraints=critical,CA:FALSE
+subjectAltName=$1"
+}
+
+sign ca tls "/CN=meshserve" "$(service_ext "$sans")"
+for svc in gateway batcher worker cache async-runner; do
+  sign ca "$svc" "/CN=meshserve-$svc" "$(service_ext "$local_sans,$(names "meshserve-$svc")")"
+done
+sign client-ca client "/CN=meshserve-client" "basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth"
-rm -f ca.srl
-chmod 644 ca.crt tls.crt client.crt
-chmod 600 ca.key tls.key client.key
-echo "certificates in $out: ca.crt tls.crt tls.key client.crt client.key"
+rm -f ca.srl client-ca.srl
+chmod 644 ./*.crt
+chmod 600 ./*.key
+echo "certificates in $out: ca.crt tls.crt tls.key, {gateway,batcher,worker,cache,async-runner}.{crt,key}, client-ca.crt client.crt client.key"

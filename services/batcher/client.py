@@ -110,6 +110,7 @@ class BatcherClient:
         self._next_stream = itertools.count()
         self._next_unary = itertools.count()
         self._ids = itertools.count(1)
+        self._each_channels: dict[str, grpc.aio.Channel] = {}  # address -> channel (each())
 
     async def start(self) -> None:
         self._channels = [grpcutil.channel(t, self.transport) for t in self.targets]
@@ -123,9 +124,9 @@ class BatcherClient:
         for stream in self._retired:
             await stream.close()
         self._retired.clear()
-        for channel in self._channels:
+        for channel in [*self._channels, *self._each_channels.values()]:
             await channel.close()
-        self._channels, self._stubs = [], []
+        self._channels, self._stubs, self._each_channels = [], [], {}
 
     def _usable(self, channel_index: int) -> bool:
         state = self._channels[channel_index].get_state(try_to_connect=True)
@@ -203,25 +204,69 @@ class BatcherClient:
         except grpc.aio.AioRpcError as e:
             raise grpcutil.error_from_rpc(e, f"the batcher at {self.targets[c]}") from None
 
-    async def _everywhere(self, method: str, request):
-        """Every batcher of a comma list must know (load, unload); returns the first answer."""
-        answers = await asyncio.gather(*(self._unary(method, request, c)
-                                         for c in range(len(self._stubs))))
-        return answers[0]
+    async def each(self, call) -> list[tuple[str, object]]:
+        """call(channel) on EVERY batcher the target stands for (a dns:/// name resolved to
+        each of its addresses now, as the batcher does for workers), at once: one
+        (address, answer or MeshError) per batcher. Channels are kept per address."""
+        targets = await grpcutil.every_address(self.target)
+        for address in set(self._each_channels) - {a for a, _ in targets}:
+            await self._each_channels.pop(address).close()
 
-    async def statistics(self, model: str = "", version: str = "") -> batcher_pb2.StatisticsResponse:
-        return await self._unary(
-            "Statistics", batcher_pb2.StatisticsRequest(model=model, version=version))
+        async def one(address: str, server_name: str):
+            channel = self._each_channels.get(address)
+            if channel is None:
+                channel = self._each_channels[address] = grpcutil.channel(
+                    address, self.transport, server_name=server_name)
+            try:
+                return address, await call(channel)
+            except grpc.aio.AioRpcError as e:
+                return address, grpcutil.error_from_rpc(e, f"the batcher at {address}")
+
+        return list(await asyncio.gather(*(one(a, n) for a, n in targets)))
+
+    async def _every(self, method: str, request, timeout_s: float | None = None
+                     ) -> list[tuple[str, object]]:
+        """A Batcher method on every batcher: the answers; batchers that are unreachable
+        are left out (logged) unless none answers (Unavailable); any other error raises."""
+        answers = await self.each(
+            lambda channel: getattr(batcher_pb2_grpc.BatcherStub(channel), method)(
+                request, timeout=timeout_s))
+        ok = [(a, r) for a, r in answers if not isinstance(r, Exception)]
+        for address, r in answers:
+            if isinstance(r, Unavailable) and ok:
+                log.warning("%s: the batcher at %s is unreachable (%s); left out",
+                            method, address, r)
+            elif isinstance(r, Exception):
+                raise r
+        return ok
+
+    async def statistics(self, model: str = "", version: str = ""
+                         ) -> batcher_pb2.StatisticsResponse:
+        """Every batcher's statistics, summed."""
+        return (await self.statistics_of_every(model, version))[0]
+
+    async def statistics_of_every(self, model: str = "", version: str = ""
+                                  ) -> tuple[batcher_pb2.StatisticsResponse, list[str]]:
+        """Every batcher's statistics, summed; and the addresses of those that answered."""
+        answers = await self._every(
+            "Statistics", batcher_pb2.StatisticsRequest(model=model, version=version), 10.0)
+        return merge_statistics([r for _, r in answers]), [a for a, _ in answers]
 
     async def load_model(self, model: str, versions: list[str] | None = None
                          ) -> batcher_pb2.ModelStatesResponse:
-        return await self._everywhere(
+        """Loads on every batcher (they share the workers: the first to ask loads, the
+        others wait for READY); a version is READY only if READY for every batcher."""
+        answers = await self._every(
             "LoadModel", batcher_pb2.LoadModelRequest(model=model, versions=versions or []))
+        return merge_states([r for _, r in answers])
 
     async def unload_model(self, model: str, versions: list[str] | None = None
                            ) -> batcher_pb2.ModelStatesResponse:
-        return await self._everywhere(
+        """Returns once every reachable batcher refuses the model (the others learn it from
+        the cluster's model control when they are back)."""
+        answers = await self._every(
             "UnloadModel", batcher_pb2.UnloadModelRequest(model=model, versions=versions or []))
+        return merge_states([r for _, r in answers])
 
     async def model_states(self, model: str = "") -> batcher_pb2.ModelStatesResponse:
         return await self._unary("ModelStates", batcher_pb2.ModelStatesRequest(model=model))
@@ -231,3 +276,53 @@ def _expire(future: asyncio.Future, timeout_s: float) -> None:
     if not future.done():
         future.set_exception(
             DeadlineExceeded(f"no answer from the batcher within {timeout_s:.3f}s"))
+
+
+def merge_statistics(responses: list[batcher_pb2.StatisticsResponse]
+                     ) -> batcher_pb2.StatisticsResponse:
+    """Several batchers' statistics as one: counts and durations summed per model version
+    (and per batch size), the latest last_inference_ms."""
+    merged: dict[tuple[str, str], batcher_pb2.ModelStats] = {}
+    for response in responses:
+        for s in response.models:
+            m = merged.get((s.model, s.version))
+            if m is None:
+                merged[(s.model, s.version)] = m = batcher_pb2.ModelStats()
+                m.CopyFrom(s)
+                continue
+            m.last_inference_ms = max(m.last_inference_ms, s.last_inference_ms)
+            m.inference_count += s.inference_count
+            m.execution_count += s.execution_count
+            for name in ("success", "fail", "queue", "compute_infer"):
+                _add(getattr(m, name), getattr(s, name))
+            sizes = {b.batch_size: b for b in m.batch_stats}
+            for b in s.batch_stats:
+                if b.batch_size in sizes:
+                    _add(sizes[b.batch_size].compute_infer, b.compute_infer)
+                else:
+                    m.batch_stats.add().CopyFrom(b)
+    out = batcher_pb2.StatisticsResponse(models=[merged[k] for k in sorted(merged)])
+    for m in out.models:
+        m.batch_stats.sort(key=lambda b: b.batch_size)
+    return out
+
+
+def _add(total: batcher_pb2.Duration, d: batcher_pb2.Duration) -> None:
+    total.count += d.count
+    total.ns += d.ns
+
+
+_RANK = {"READY": 0, "LOADING": 1, "UNAVAILABLE": 2}
+
+
+def merge_states(responses: list[batcher_pb2.ModelStatesResponse]
+                 ) -> batcher_pb2.ModelStatesResponse:
+    """Several batchers' model states as one: per version, the least ready of them."""
+    merged: dict[tuple[str, str], batcher_pb2.ModelVersionState] = {}
+    for response in responses:
+        for s in response.versions:
+            key = (s.model, s.version)
+            if key not in merged or _RANK.get(s.state, 3) > _RANK.get(merged[key].state, 3):
+                merged[key] = s
+    return batcher_pb2.ModelStatesResponse(versions=list(merged.values()))
+

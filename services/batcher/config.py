@@ -30,6 +30,8 @@ class Settings:
     # How long start-up waits for a first worker before serving anyway.
     startup_wait_s: float = 30.0
     transport: Transport = PLAINTEXT  # TLS (mTLS), compression, OTLP
+    # The mesh's Redis: cluster model control lives there (else on this batcher's board).
+    redis_url: str = ""
 
     def __post_init__(self) -> None:
         checks = {
@@ -74,6 +76,10 @@ def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) 
     f.add("--adaptive", _optional_bool, None, "override of batching.adaptive (empty: config)")
     f.add("--grace-s", float, 5.0, "grace period on shutdown")
     f.add("--startup-wait-s", float, 30.0, "wait this long for a first worker at start")
+    f.add("--redis-url", str, f.env.get("REDIS_URL", ""),
+          "the mesh's Redis (redis://host:6379/0): the cluster's model control (loaded "
+          "models, default versions) is read and watched there; empty: gateways write it "
+          "to this batcher (also env REDIS_URL)")
     transport.add_flags(f)
     a = f.parse(argv)
     return Settings(
@@ -83,5 +89,5 @@ def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) 
         max_in_flight_per_worker=a.max_in_flight_per_worker, max_batch_size=a.max_batch_size,
         max_queue_delay_us=a.max_queue_delay_us, max_queue_size=a.max_queue_size,
         adaptive=a.adaptive, grace_s=a.grace_s, startup_wait_s=a.startup_wait_s,
-        transport=transport.from_args(f, a),
+        transport=transport.from_args(f, a), redis_url=a.redis_url,
     )

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 
 import grpc
 
@@ -18,6 +17,7 @@ from meshserve.batcher.workers import WorkerPool
 from meshserve.common import grpcutil
 from meshserve.common.backoff import Backoff
 from meshserve.common.errors import Unavailable
+from meshserve.common.grpcutil import dns_host, resolve_dns
 from meshserve.common.transport import Transport
 from meshserve.pb.meshserve.v1 import worker_pb2, worker_pb2_grpc
 
@@ -229,13 +229,13 @@ class WorkerDirectory:
         names: dict[str, str] = {}  # resolved IP address -> the name its certificate carries
         for entry in self.entries:
             if entry.startswith("dns:"):
-                found = await _resolve(entry)
+                found = await resolve_dns(entry)
                 # A failed lookup keeps the last known addresses.
                 if found is not None:
                     self._resolved[entry] = found
                 resolved = self._resolved.get(entry, set())
                 addresses |= resolved
-                names.update(dict.fromkeys(resolved, _host(entry)))
+                names.update(dict.fromkeys(resolved, dns_host(entry)))
             else:
                 addresses.add(entry)
         for address in sorted(addresses - set(self.connections)):
@@ -258,27 +258,3 @@ class WorkerDirectory:
         for conn in self.connections.values():
             await conn.close()
         self.connections.clear()
-
-
-def _host(entry: str) -> str:
-    """dns:///name:port (or dns://authority/name:port) -> name."""
-    target = entry.split("/", 3)[-1] if entry.startswith("dns://") else entry[len("dns:"):]
-    return target.rpartition(":")[0].strip("[]")
-
-
-async def _resolve(entry: str) -> set[str] | None:
-    """dns:///name:port (or dns://authority/name:port) -> {"ip:port", "[ipv6]:port"}."""
-    target = entry.split("/", 3)[-1] if entry.startswith("dns://") else entry[len("dns:"):]
-    host, _, port = target.rpartition(":")
-    host = host.strip("[]")
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            host, int(port), type=socket.SOCK_STREAM)
-    except (OSError, ValueError) as e:
-        log.warning("cannot resolve %s: %s", entry, e)
-        return None
-    out = set()
-    for family, _, _, _, sockaddr in infos:
-        ip = sockaddr[0]
-        out.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
-    return out

@@ -31,6 +31,7 @@ from meshserve.common.errors import (
     Unavailable,
 )
 from meshserve.common.logs import clip
+from meshserve.common.model_control import Control
 from meshserve.common.repository import ModelConfig, ModelRepository
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,20 @@ class _ModelQueue:
     def __init__(self, key: Key, config: ModelConfig, queue: BatchQueue):
         self.key, self.config, self.queue = key, config, queue
         self.rate = ArrivalRate(queue.now)
-        p = queue.policy
-        self.adaptive = (
-            AdaptivePolicy(p.batch_rows, p.target_latency_us, p.preferred_batch_sizes)
-            if p.adaptive and p.max_batch_size > 0 else None
-        )
+        self.adaptive = self._adaptive()
         self.task: asyncio.Task | None = None
+
+    def _adaptive(self) -> AdaptivePolicy | None:
+        p = self.queue.policy
+        if not p.adaptive or p.max_batch_size == 0:
+            return None
+        return AdaptivePolicy(p.batch_rows, p.target_latency_us, p.preferred_batch_sizes)
+
+    def reconfigure(self, config: ModelConfig, policy: BatchPolicy) -> None:
+        """The model was (re)loaded with another config: queued requests stay, in order."""
+        self.config = config
+        self.queue.set_policy(policy)
+        self.adaptive = self._adaptive()
 
 
 class Batcher:
@@ -90,6 +99,8 @@ class Batcher:
         self._unwanted: set[Key] = set()
         self._loads: dict[Key, asyncio.Task] = {}
         self._load_errors: dict[Key, tuple[float, str]] = {}
+        # The cluster's model control (common.model_control), as last applied.
+        self.controls: dict[str, Control] = {}
         self.pool.listeners.append(self._on_pool_change)
         # SIGTERM: new requests are refused (the client sends them to another batcher);
         # queued and running ones are finished.
@@ -147,18 +158,20 @@ class Batcher:
         config = self.repository.config(model)  # NotFound for an unknown model
         if not version.isdigit() or int(version) not in self.repository.versions(model):
             raise NotFound(f"model '{model}' has no version {version!r}")
+        queue = BatchQueue(model, version, self._policy(config), self.now)
+        queue.on_drop = lambda r, e: self._answer(r, InferResult(r.request_id, e))
+        mq = self._queues[key] = _ModelQueue(key, config, queue)
+        mq.task = self._spawn(self._dispatch(mq))
+        return mq
+
+    def _policy(self, config: ModelConfig) -> BatchPolicy:
         o = self.options
-        policy = BatchPolicy.from_config(
+        return BatchPolicy.from_config(
             config.max_batch_size, config.batching,
             max_batch_size_override=o.max_batch_size,
             max_queue_delay_us_override=o.max_queue_delay_us,
             max_queue_size_override=o.max_queue_size, adaptive_override=o.adaptive,
         )
-        queue = BatchQueue(model, version, policy, self.now)
-        queue.on_drop = lambda r, e: self._answer(r, InferResult(r.request_id, e))
-        mq = self._queues[key] = _ModelQueue(key, config, queue)
-        mq.task = self._spawn(self._dispatch(mq))
-        return mq
 
     # ------------------------------------------------------------------ dispatch
 
@@ -388,6 +401,12 @@ class Batcher:
         # Every version finishes (each reload swapped or not) before an error is raised.
         results = await asyncio.gather(*(self._load_or_reload(k) for k in keys),
                                        return_exceptions=True)
+        # The queues take the config the workers (re)loaded with.
+        for key in keys:
+            mq = self._queues.get(key)
+            if mq is not None and mq.config != config:
+                log.info("model %s version %s: its queue takes the reloaded config", *key)
+                mq.reconfigure(config, self._policy(config))
         for error in results:
             if isinstance(error, BaseException):
                 raise error
@@ -544,6 +563,32 @@ class Batcher:
                 key = (m.model, m.version)
                 if m.state == "READY" and key not in self._unwanted:
                     self._wanted.add(key)
+
+    def apply_control(self, model: str, control: Control | None) -> None:
+        """The cluster's model control changed (common.model_control): a loaded model's
+        versions are wanted (loaded in the background if no worker holds them), an unloaded
+        one is never dispatched again and leaves the workers."""
+        if control is None:
+            self.controls.pop(model, None)
+            return
+        self.controls[model] = control
+        if control.loaded:
+            for v in control.versions:
+                key = (model, v)
+                self._unwanted.discard(key)
+                if key not in self._wanted or not self.pool.holders(key):
+                    self._spawn(self.ensure_loaded(key))
+            return
+        try:
+            known = self._known_versions(model)
+        except MeshError as e:  # e.g. gone from the repository: nothing to dispatch
+            log.info("model control: %s unloaded (%s)", model, e)
+            return
+        for v in known:
+            self._wanted.discard((model, v))
+            self._unwanted.add((model, v))
+        if any(w.state_of((model, v)) for w in self.pool.connected() for v in known):
+            self._spawn(self.unload_model(model, []))
 
     def statistics(self, model: str = "", version: str = "") -> list[ModelStats]:
         if model:

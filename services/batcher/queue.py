@@ -178,6 +178,19 @@ class BatchQueue:
         self.wake()
         return True
 
+    def set_policy(self, policy: BatchPolicy) -> None:
+        """A reloaded config. Queued requests stay, in order; those of a level past the new
+        number of levels join the lowest."""
+        if policy.priority_levels != self.policy.priority_levels:
+            levels: list[dict[ShapeKey, deque[Request]]] = [
+                {} for _ in range(policy.priority_levels)]
+            for r in sorted(self._queued, key=lambda r: r.seq):
+                r.level = min(r.level, policy.priority_levels)
+                levels[r.level - 1].setdefault(self._queued[r], deque()).append(r)
+            self._levels = levels
+        self.policy = policy
+        self.wake()
+
     def wake(self) -> None:
         """Something the policy depends on changed (a worker slot freed, a cancel)."""
         self._changed.set()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
-from meshserve.batcher import routing_store
+from meshserve.batcher import control, routing_store
 from meshserve.batcher.config import Settings
 from meshserve.batcher.connection import WorkerDirectory
 from meshserve.batcher.core import Batcher, BatcherOptions
@@ -16,6 +16,7 @@ from meshserve.batcher.servicer import BatcherServicer
 from meshserve.batcher.stats import Statistics
 from meshserve.batcher.workers import WorkerPool
 from meshserve.common import metrics, tracing
+from meshserve.common.control_store import BoardControlStore, RedisControlStore
 from meshserve.common.grpcutil import new_server, set_serving, wait_for_signal
 from meshserve.common.repository import ModelRepository
 from meshserve.common.settings import write_port_file
@@ -35,6 +36,7 @@ class Runtime:
     directory: WorkerDirectory
     health: object
     registry: CollectorRegistry
+    control: BoardControlStore | RedisControlStore
     _serving: bool | None = None
     _tasks: set = field(default_factory=set)
 
@@ -60,13 +62,18 @@ class Runtime:
         if not self.pool.connected():
             log.warning("no model worker connected after %.0fs; serving anyway", wait_s)
         names = self.batcher.repository.names() if "all" in load else list(load)
-        keys = self.batcher.want(names)
+        # The cluster's model control decides for the models it knows (an unload through
+        # a gateway holds across batcher restarts).
+        names = [n for n in names if n not in self.batcher.controls]
+        keys = self.batcher.want(names) + [
+            (c.model, v) for c in self.batcher.controls.values() if c.loaded for v in c.versions]
         await asyncio.gather(*(self.batcher.ensure_loaded(k) for k in keys))
         for s in self.batcher.model_states():
             if (s.model, s.version) in keys:
                 log.info("model %s version %s: %s %s", s.model, s.version, s.state, s.reason)
 
     async def close(self) -> None:
+        await self.control.close()
         await self.directory.close()
         await self.batcher.close()
 
@@ -89,11 +96,15 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
                                       transport=settings.transport)
     batcher_pb2_grpc.add_BatcherServicer_to_server(BatcherServicer(batcher), server)
     routing_store.attach(server)  # meshserve.v1.RoutingStore for gateways without Redis
-    runtime = Runtime(batcher, pool, directory, health, registry)
+    board = control.attach(server)  # meshserve.v1.ModelControlStore, idem
+    store = RedisControlStore(settings.redis_url) if settings.redis_url \
+        else BoardControlStore(board)
+    runtime = Runtime(batcher, pool, directory, health, registry, store)
     await server.start()
     await set_serving(health, [SERVICE_NAME], False)
     runtime.track_health()
     await directory.start()
+    await store.start(batcher.apply_control)
     return server, port, runtime
 
 

@@ -8,6 +8,7 @@ import functools
 import inspect
 import logging
 import signal
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -128,6 +129,51 @@ def split_targets(target: str) -> list[str]:
 _URI_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds")
 
 
+def dns_host(entry: str) -> str:
+    """dns:///name:port (or dns://authority/name:port) -> name."""
+    target = entry.split("/", 3)[-1] if entry.startswith("dns://") else entry[len("dns:"):]
+    return target.rpartition(":")[0].strip("[]")
+
+
+async def resolve_dns(entry: str) -> set[str] | None:
+    """dns:///name:port (or dns://authority/name:port) -> {"ip:port", "[ipv6]:port"};
+    None when the lookup fails (logged)."""
+    target = entry.split("/", 3)[-1] if entry.startswith("dns://") else entry[len("dns:"):]
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as e:
+        log.warning("cannot resolve %s: %s", entry, e)
+        return None
+    out = set()
+    for family, _, _, _, sockaddr in infos:
+        ip = sockaddr[0]
+        out.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+    return out
+
+
+async def every_address(target: str) -> list[tuple[str, str]]:
+    """Every server a client target stands for, as (address, the name its certificate
+    carries, "" = the address's host): a comma list, each address of an ipv4:/ipv6: URI,
+    and each address a dns:/// name resolves to now (Unavailable when it does not
+    resolve). Used for calls that must reach every replica."""
+    out: list[tuple[str, str]] = []
+    for t in split_targets(target):
+        scheme = t.split(":", 1)[0]
+        if scheme == "dns":
+            found = await resolve_dns(t)
+            if found is None:
+                raise errors.Unavailable(f"cannot resolve {t}")
+            out += [(a, dns_host(t)) for a in sorted(found)]
+        elif scheme in ("ipv4", "ipv6"):
+            out += [(a.strip(), "") for a in t.split(":", 1)[1].split(",") if a.strip()]
+        else:
+            out.append((t, ""))
+    return out
+
+
 def insecure_channel(target: str, max_message_bytes: int = 64 * MiB) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
 
@@ -168,10 +214,10 @@ def server_credentials(transport: Transport) -> grpc.ServerCredentials | None:
     if not transport.server_tls:
         return None
     pair = [(transport.read(transport.tls_key), transport.read(transport.tls_cert))]
-    if not transport.tls_ca or transport.tls_client_auth == "none":
+    if not transport.client_ca or transport.tls_client_auth == "none":
         return grpc.ssl_server_credentials(pair)
     return grpc.ssl_server_credentials(
-        pair, root_certificates=transport.read(transport.tls_ca),
+        pair, root_certificates=transport.read(transport.client_ca),
         require_client_auth=transport.tls_client_auth == "require")
 
 
@@ -299,14 +345,63 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+        if handler is None or handler.request_deserializer is None:
+            return handler  # e.g. a refusal that never reads the request
         method = handler_call_details.method
         cached = self._handlers.get(method)
         if cached is None or cached[0] is not handler:
             cached = (handler, guard_decoding(method, handler))
             self._handlers[method] = cached
         return cached[1]
+
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+class PeerCheck(grpc.aio.ServerInterceptor):
+    """Serves only clients whose (verified) certificate's common name is allowed: a worker
+    only the batcher, the cache only gateways. grpc.health.v1 stays open to any client the
+    CA signed (probes run with the pod's own certificate). Installed by new_server only
+    when --tls-allowed-clients names someone."""
+
+    def __init__(self, allowed: Iterable[str]):
+        self.allowed = frozenset(allowed)
+        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(HEALTH_PREFIX):
+            return handler
+        cached = self._handlers.get(method)
+        if cached is None or cached[0] is not handler:
+            kind = ("stream" if handler.request_streaming else "unary") + "_" + (
+                "stream" if handler.response_streaming else "unary")
+            cached = (handler, handler._replace(**{kind: self._wrap(getattr(handler, kind))}))
+            self._handlers[method] = cached
+        return cached[1]
+
+    async def _check(self, context) -> None:
+        names = [n.decode(errors="replace") if isinstance(n, bytes) else n
+                 for n in context.auth_context().get("x509_common_name", ())]
+        if not self.allowed.intersection(names):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this port serves only {', '.join(sorted(self.allowed))}; the client "
+                f"certificate is {clip(', '.join(names)) or 'absent'}")
+
+    def _wrap(self, behavior):
+        if inspect.isasyncgenfunction(behavior):
+            async def stream(request, context):
+                await self._check(context)
+                async for item in behavior(request, context):
+                    yield item
+            return stream
+
+        async def unary(request, context):
+            await self._check(context)
+            return await behavior(request, context)
+        return unary
 
 
 @functools.cache
@@ -336,13 +431,15 @@ def new_server(
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """An aio server with grpc.health.v1 (NOT_SERVING until the caller says so) and
     reflection for the given services. Returns (server, bound port, health servicer).
-    transport: TLS / mTLS and the default compression of responses (plaintext without).
+    transport: TLS / mTLS (--tls-allowed-clients: PeerCheck) and the default compression
+    of responses (plaintext without).
     limits: streams, idle time and age of each client connection.
     Every method answers undecodable request bytes INVALID_ARGUMENT (DecodeGuard)."""
     t = transport or PLAINTEXT
+    peer_check = [PeerCheck(t.tls_allowed_clients)] if t.tls_allowed_clients else []
     server = grpc.aio.server(options=server_options(max_message_bytes, reuse_port, limits),
                              compression=_compression(t.compression),
-                             interceptors=[DecodeGuard(), *interceptors])
+                             interceptors=[DecodeGuard(), *peer_check, *interceptors])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshserve.common.errors import ConfigError
-from meshserve.common.settings import Flags
+from meshserve.common.settings import Flags, parse_list
 
 CLIENT_AUTH = ("require", "optional", "none")
 COMPRESSION = ("none", "gzip")
@@ -28,6 +28,11 @@ class Transport:
     tls_ca: str = ""  # verifies peers: the servers this service calls, and its clients
     # With --tls-ca, whether clients must show a certificate the CA signed (mTLS).
     tls_client_auth: str = "require"
+    # Verifies client certificates on this port instead of tls_ca (the gateway: a CA of
+    # external clients, separate from the mesh's).
+    tls_client_ca: str = ""
+    # Common names of the client certificates this port serves (empty: any the CA signed).
+    tls_allowed_clients: tuple[str, ...] = ()
     compression: str = "none"  # default compression of this server's responses
     channel_compression: str = "none"  # of the requests this service sends to the others
     otlp_endpoint: str = ""  # OpenTelemetry collector (OTEL_EXPORTER_OTLP_ENDPOINT); empty: off
@@ -36,12 +41,20 @@ class Transport:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
         for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
-                           ("--tls-ca", self.tls_ca)):
+                           ("--tls-ca", self.tls_ca), ("--tls-client-ca", self.tls_client_ca)):
             if path and not Path(path).is_file():
                 raise ConfigError(f"{flag} {path!r}: no such file")
         if self.tls_client_auth not in CLIENT_AUTH:
             raise ConfigError(f"--tls-client-auth {self.tls_client_auth!r}: expected one of "
                               f"{', '.join(CLIENT_AUTH)}")
+        if self.server_tls and self.tls_client_auth == "require" and not self.client_ca:
+            raise ConfigError("--tls-client-auth require needs --tls-ca (or --tls-client-ca) "
+                              "to check client certificates; give one, or "
+                              "--tls-client-auth none to serve TLS without client certificates")
+        if self.tls_allowed_clients and not (
+                self.server_tls and self.tls_client_auth == "require" and self.client_ca):
+            raise ConfigError("--tls-allowed-clients needs TLS on this port with "
+                              "--tls-client-auth require and a CA (--tls-ca)")
         for flag, value in (("--compression", self.compression),
                             ("--channel-compression", self.channel_compression)):
             if value not in COMPRESSION:
@@ -51,6 +64,11 @@ class Transport:
     def server_tls(self) -> bool:
         """This service's own port speaks TLS."""
         return bool(self.tls_cert)
+
+    @property
+    def client_ca(self) -> str:
+        """The CA that checks client certificates on this port."""
+        return self.tls_client_ca or self.tls_ca
 
     @property
     def client_tls(self) -> bool:
@@ -74,6 +92,12 @@ def add_flags(flags: Flags, client_auth: str = "require") -> None:
               "certificates (mTLS, see --tls-client-auth)")
     flags.add("--tls-client-auth", str, client_auth,
               "with --tls-ca: require, optional or none (client certificates)")
+    flags.add("--tls-client-ca", str, "",
+              "PEM CA bundle checking client certificates on this port instead of --tls-ca "
+              "(the gateway: a CA of external clients, separate from the mesh's)")
+    flags.add("--tls-allowed-clients", parse_list, (),
+              "common names of the client certificates served on this port, comma list "
+              "(e.g. a worker: meshserve-batcher); empty: any certificate the CA signed")
     flags.add("--compression", str, "none", "default compression of responses: none or gzip")
     flags.add("--channel-compression", str, "none",
               "compression of requests to the other services: none or gzip")
@@ -95,6 +119,7 @@ def _from_args(a: argparse.Namespace) -> Transport:
     return Transport(
         tls_cert=a.tls_cert, tls_key=a.tls_key, tls_ca=a.tls_ca,
         tls_client_auth=a.tls_client_auth.strip().lower(),
+        tls_client_ca=a.tls_client_ca, tls_allowed_clients=tuple(a.tls_allowed_clients),
         compression=a.compression.strip().lower(),
         channel_compression=a.channel_compression.strip().lower(),
         otlp_endpoint=a.otlp_endpoint.strip(),

@@ -44,6 +44,10 @@ class Settings:
     async_result_ttl_s: float = 3600.0
     async_task_ttl_s: float = 3600.0
     async_claim_idle_s: float = 30.0
+    # The in-process task store (no Redis): tasks, MiB and tasks per API key held at most.
+    async_max_stored: int = 200_000
+    async_max_stored_mb: int = 512
+    async_max_tasks_per_key: int = 10_000
     # Protection (gateway/protection.py): API keys (empty: auth off), per-model token
     # buckets "MODEL=RATE[:BURST],...", and load shedding past this many inferences at once.
     api_keys_file: str = ""
@@ -101,7 +105,10 @@ class Settings:
         from meshserve.tasks.records import QueueSettings
 
         return QueueSettings(self.async_max_queue, self.async_task_ttl_s,
-                             self.async_result_ttl_s, self.async_claim_idle_s)
+                             self.async_result_ttl_s, self.async_claim_idle_s,
+                             max_stored=self.async_max_stored,
+                             max_stored_bytes=self.async_max_stored_mb * 1024 * 1024,
+                             max_per_key=self.async_max_tasks_per_key)
 
 
 def is_loopback(host: str) -> bool:
@@ -158,6 +165,12 @@ def from_args(argv: list[str] | None = None) -> Settings:
           "an async task not started within this is EXPIRED")
     f.add("--async-claim-idle-s", float, d.async_claim_idle_s,
           "claim an async task whose runner has been silent this long")
+    f.add("--async-max-stored", int, d.async_max_stored,
+          "in-process task store (no --redis-url): tasks held at most, finished ones too")
+    f.add("--async-max-stored-mb", int, d.async_max_stored_mb,
+          "in-process task store: MiB of requests and results held at most")
+    f.add("--async-max-tasks-per-key", int, d.async_max_tasks_per_key,
+          "in-process task store: tasks one API key may hold at most")
     f.add("--trace-sample-ratio", float, d.trace_sample_ratio,
           "share of requests without a traceparent that are sampled (logged per request)")
     transport.add_flags(f, client_auth="none")

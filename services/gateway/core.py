@@ -22,6 +22,7 @@ from meshserve.common.errors import (
     Unavailable,
 )
 from meshserve.common.logs import clip
+from meshserve.common.model_control import Control
 from meshserve.common.repository import ModelConfig, ModelRepository, check_model_name
 from meshserve.common.validation import (
     InputTensor,
@@ -178,8 +179,12 @@ class Catalog:
 
 class Gateway:
     def __init__(self, repository: ModelRepository, batcher, cache=None,
-                 cache_timeout_s: float = 0.05):
+                 cache_timeout_s: float = 0.05, control=None):
+        """control: where the cluster's model control lives (common.control_store; None:
+        this gateway's memory only)."""
         self.repository = repository
+        self.control = control
+        self.controls: dict[str, Control] = {}  # the cluster's, as last seen
         self.catalog = Catalog(repository)
         self.batcher = batcher
         self.cache = cache
@@ -330,8 +335,27 @@ class Gateway:
                     rows.append((name, version, state, reason))
         return rows
 
+    def apply_control(self, model: str, control: Control | None) -> None:
+        """The cluster's model control of `model` changed (any gateway's load or unload)."""
+        if control is None:
+            self.controls.pop(model, None)
+        else:
+            self.controls[model] = control
+        default = control.default_version if control is not None and control.loaded else ""
+        if default:
+            self.catalog.default_overrides[model] = default
+        else:
+            self.catalog.default_overrides.pop(model, None)
+
+    async def _put_control(self, control: Control) -> None:
+        if self.control is not None:
+            await self.control.put(control)
+        self.apply_control(control.model, control)
+
     async def load(self, model: str, versions: list[str], default_version: str | None) -> None:
-        """Loads from the repository as it is now (the catalog is read again first).
+        """Loads from the repository as it is now (the catalog is read again first), and
+        answers once the versions are READY for every batcher. The cluster's model control
+        records them (and the default) first, so that every replica converges.
         A broken config answers its error (file and field); a version folder without the
         model file answers which file it needs and what it holds."""
         check_model_name(model)
@@ -346,27 +370,37 @@ class Gateway:
                     f"model '{model}': its version_policy selects none of the versions on "
                     f"disk ({', '.join(entry.on_disk)})")
             raise FailedPrecondition(f"model '{model}' has no version to load: {entry.problem}")
-        if default_version is not None:
-            wanted = versions or entry.versions
-            if default_version not in wanted:
-                raise InvalidInput(
-                    f"default_version {default_version} is not among the loaded versions "
-                    f"{', '.join(wanted)}"
-                )
+        wanted = versions or list(entry.versions)
+        if default_version is not None and default_version not in wanted:
+            raise InvalidInput(
+                f"default_version {default_version} is not among the loaded versions "
+                f"{', '.join(wanted)}"
+            )
+        previous = self.controls.get(model) or Control(model, False)
+        kept = previous.versions if previous.loaded else ()
+        all_versions = tuple(sorted(set(kept) | set(wanted), key=int))
+        old_default = previous.default_version if previous.loaded else ""
+        if old_default not in all_versions:
+            old_default = ""
+        control = previous.then(True, all_versions,
+                                old_default if default_version is None else default_version)
+        await self._put_control(control)
         try:
             response = await self.batcher.load_model(model, versions)
         except MeshError:
             # A reload that failed for one version may have swapped in another's new files.
             await self._invalidate(model, versions)
+            if control.default_version != old_default:  # the new default is not served
+                await self._put_control(control.then(True, all_versions, old_default))
             raise
         failed = [s for s in response.versions if s.state != "READY"]
         # Once every swap is done: a reload must never serve results of the previous files.
         await self._invalidate(model, [s.version for s in response.versions])
         if failed:
+            if control.default_version != old_default:  # the new default is not served
+                await self._put_control(control.then(True, all_versions, old_default))
             detail = "; ".join(f"version {s.version}: {s.reason or s.state}" for s in failed)
             raise FailedPrecondition(f"failed to load model '{model}': {detail}")
-        if default_version is not None:
-            self.catalog.default_overrides[model] = default_version
 
     def _refuse_missing(self, model: str, versions: list[str]) -> None:
         """Versions without the model file: FailedPrecondition naming the file expected
@@ -378,12 +412,16 @@ class Gateway:
         raise NotFound(f"model '{model}' has no version(s) {', '.join(versions)} on disk")
 
     async def unload(self, model: str) -> None:
+        """Answers once no batcher will dispatch the model: recorded in the cluster's model
+        control first (batchers that are down learn it when they are back), then every
+        reachable batcher refuses it and unloads it from the workers."""
         check_model_name(model)
         await asyncio.to_thread(self.catalog.refresh, model)
         if not self.catalog.known(model):
             raise NotFound(f"unknown model '{model}'")
+        previous = self.controls.get(model) or Control(model, False)
+        await self._put_control(previous.then(False, (), ""))
         await self.batcher.unload_model(model, [])
-        self.catalog.default_overrides.pop(model, None)
         await self._invalidate(model, [])
 
     async def _invalidate(self, model: str, versions: list[str]) -> None:
@@ -397,16 +435,18 @@ class Gateway:
         except Exception as e:  # noqa: BLE001 - generations still protect against staleness
             log.warning("cache invalidation of %s failed: %s", clip(model), clip(e))
 
-    async def statistics(self, model: str, version: str) -> list[tuple]:
+    async def statistics(self, model: str, version: str) -> tuple[list[tuple], list[str]]:
+        """Per model version: the counts of EVERY batcher summed, and this gateway's cache
+        counts; and the addresses of the batchers that answered."""
         if model:
             self.catalog.get(model)
             if version:
                 self.catalog.resolve(model, version)
         elif version:
             raise InvalidInput("a version needs a model name")
-        response = await self.batcher.statistics(model, version)
+        response, batchers = await self.batcher.statistics_of_every(model, version)
         out = []
         for s in response.models:
             c = self.cache_counts.get((s.model, s.version), CacheCounts())
             out.append((s, (c.hit_requests, c.hit_rows, c.hit_ns), (c.miss_requests, c.miss_ns)))
-        return out
+        return out, batchers

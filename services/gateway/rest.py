@@ -20,7 +20,8 @@ from collections import namedtuple
 from pathlib import Path
 
 import grpc
-from aiohttp import web
+from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestPayloadError
 
 from meshserve.common import errors
 from meshserve.common.grpcutil import STATUS_MESSAGE_CHARS, status_of
@@ -71,10 +72,14 @@ class HttpContext:
     """What the servicer and the protection interceptor use of grpc.aio.ServicerContext,
     over one HTTP request. HTTP has no deadline: Triton's `timeout` parameter sets one."""
 
-    __slots__ = ("_metadata",)
+    __slots__ = ("_metadata", "trailing_metadata")
 
     def __init__(self, headers):
         self._metadata = tuple((k, headers[k]) for k in METADATA_HEADERS if k in headers)
+        self.trailing_metadata = ()
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self.trailing_metadata = tuple(metadata)
 
     def invocation_metadata(self):
         return self._metadata
@@ -158,7 +163,13 @@ class RestApi:
         read whole: at once by its Content-Length, else as soon as it grows past it."""
         if request.content_length is not None and request.content_length > self.max_body:
             raise web.HTTPRequestEntityTooLarge(self.max_body, request.content_length)
-        return await request.read()
+        try:
+            return await request.read()
+        except (RequestPayloadError, http_exceptions.HttpProcessingError) as e:
+            # a body that is not what its Content-Encoding or Transfer-Encoding says
+            reason = " ".join(str(getattr(e, "message", "") or e).split())
+            raise errors.InvalidInput(f"the request body cannot be read: {clip(reason, 200)}") \
+                from None
 
     # ------------------------------------------------------------------- health
 
@@ -314,6 +325,19 @@ def ssl_context(transport: Transport) -> ssl.SSLContext | None:
     return context
 
 
+class _ClientFaults(logging.Filter):
+    """aiohttp logs every malformed HTTP message with its traceback at ERROR: the client's
+    fault (it was answered 400), so not logged; anything else is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, (http_exceptions.HttpProcessingError, RequestPayloadError))
+
+
+protocol_log = logging.getLogger(__name__ + ".protocol")
+protocol_log.addFilter(_ClientFaults())
+
+
 class RestServer:
     """The listener: start() binds (port 0: any free port), stop(grace) drains."""
 
@@ -329,7 +353,7 @@ class RestServer:
     async def start(self) -> int:
         # No access log: a line per request costs CPU, and would copy client strings.
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                                    shutdown_timeout=self.grace_s)
+                                    shutdown_timeout=self.grace_s, logger=protocol_log)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, reuse_port=self.reuse_port or None,
                            ssl_context=ssl_context(self.transport) if self.transport else None)

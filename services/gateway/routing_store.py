@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -18,8 +17,15 @@ import grpc
 import redis.asyncio as aioredis
 
 from meshserve.common import grpcutil
-from meshserve.common.backoff import Backoff
 from meshserve.common.logs import redact_url
+from meshserve.common.shared_state import (
+    Synced,
+    put_redis,
+    start_watch,
+    stop,
+    watch_redis,
+    watch_stream,
+)
 from meshserve.common.transport import Transport
 from meshserve.gateway.routing import AliasSpec, Policy, Target
 from meshserve.gateway.traffic import PolicyStore
@@ -95,27 +101,6 @@ def _decode(model: str, data: bytes | None) -> Policy | None:
         return None
 
 
-class _Synced:
-    """Applies a full snapshot (removing models that vanished) or one change."""
-
-    def __init__(self, apply: Apply):
-        self.apply = apply
-        self.known: set[str] = set()
-        self.ready = asyncio.Event()
-
-    def snapshot(self, entries: dict[str, Policy | None]) -> None:
-        for model in self.known - set(entries):
-            self.apply(model, None)
-        self.known = {m for m, p in entries.items() if p is not None}
-        for model, policy in entries.items():
-            self.apply(model, policy)
-        self.ready.set()
-
-    def change(self, model: str, policy: Policy | None) -> None:
-        (self.known.add if policy is not None else self.known.discard)(model)
-        self.apply(model, policy)
-
-
 # ---------------------------------------------------------------------------- Redis
 
 
@@ -127,55 +112,23 @@ class RedisPolicyStore(PolicyStore):
         self._task: asyncio.Task | None = None
 
     async def start(self, apply: Apply) -> None:
-        self.synced = _Synced(apply)
-        self._task = asyncio.get_running_loop().create_task(self._watch())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.synced.ready.wait(), self.start_wait_s)
-        if not self.synced.ready.is_set():
-            log.warning("routing policies: Redis at %s not answering yet; watching on",
-                        redact_url(self.url))
+        self.synced = Synced(apply)
+        self._task = await start_watch(self._watch(), self.synced, self.start_wait_s,
+                                       "routing policies", f"Redis at {redact_url(self.url)}")
 
     async def put(self, policy: Policy) -> None:
-        data = policy_to_pb(policy).SerializeToString()
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(REDIS_HASH, policy.model, data)
-            pipe.publish(REDIS_CHANNEL, policy.model)
-            await pipe.execute()
+        await put_redis(self.redis, REDIS_HASH, REDIS_CHANNEL, policy.model,
+                        policy_to_pb(policy).SerializeToString())
 
     async def delete(self, model: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(REDIS_HASH, model)
-            pipe.publish(REDIS_CHANNEL, model)
-            await pipe.execute()
+        await put_redis(self.redis, REDIS_HASH, REDIS_CHANNEL, model, None)
 
     async def _watch(self) -> None:
-        backoff = Backoff(max_s=2.0)
-        while True:
-            try:
-                async with self.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(REDIS_CHANNEL)
-                    # Subscribed first, then read: no change can fall between the two.
-                    entries = await self.redis.hgetall(REDIS_HASH)
-                    self.synced.snapshot({k.decode(): _decode(k.decode(), v)
-                                          for k, v in entries.items()})
-                    backoff.reset()
-                    async for message in pubsub.listen():
-                        if message.get("type") != "message":
-                            continue
-                        model = message["data"].decode()
-                        data = await self.redis.hget(REDIS_HASH, model)
-                        self.synced.change(model, _decode(model, data))
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - reconnect with a backoff
-                log.warning("routing policies: Redis watch failed (%s); retrying", e)
-                await backoff.wait()
+        await watch_redis(self.redis, REDIS_HASH, REDIS_CHANNEL, self.synced, _decode,
+                          "routing policies")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop(self._task)
         await self.redis.aclose()
 
 
@@ -196,13 +149,9 @@ class BatcherPolicyStore(PolicyStore):
     async def start(self, apply: Apply) -> None:
         self._channel = grpcutil.channel(self.target, self.transport)
         self.stub = rpb_grpc.RoutingStoreStub(self._channel)
-        self.synced = _Synced(apply)
-        self._task = asyncio.get_running_loop().create_task(self._watch())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.synced.ready.wait(), self.start_wait_s)
-        if not self.synced.ready.is_set():
-            log.warning("routing policies: the batcher at %s not answering yet; watching on",
-                        self.target)
+        self.synced = Synced(apply)
+        self._task = await start_watch(self._watch(), self.synced, self.start_wait_s,
+                                       "routing policies", f"the batcher at {self.target}")
 
     async def _put(self, change: rpb.PolicyChange) -> None:
         try:
@@ -217,33 +166,10 @@ class BatcherPolicyStore(PolicyStore):
         await self._put(rpb.PolicyChange(model=model, deleted=True))
 
     async def _watch(self) -> None:
-        backoff = Backoff(max_s=2.0)
-        while True:
-            try:
-                entries: dict[str, Policy | None] = {}
-                in_snapshot = True
-                async for change in self.stub.Watch(rpb.WatchPoliciesRequest()):
-                    if in_snapshot:
-                        if change.snapshot_done:
-                            self.synced.snapshot(entries)
-                            in_snapshot = False
-                            backoff.reset()
-                        else:
-                            entries[change.model] = policy_from_pb(change.policy)
-                        continue
-                    policy = None if change.deleted else policy_from_pb(change.policy)
-                    self.synced.change(change.model, policy)
-                raise ConnectionError("the routing store closed the watch")
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - reconnect with a backoff
-                log.info("routing policies: batcher watch ended (%s); retrying", e)
-                await backoff.wait()
+        await watch_stream(lambda: self.stub.Watch(rpb.WatchPoliciesRequest()), self.synced,
+                           lambda change: policy_from_pb(change.policy), "routing policies")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop(self._task)
         if self._channel is not None:
             await self._channel.close()

@@ -11,6 +11,7 @@ from meshserve.batcher.client import BatcherClient
 from meshserve.cache.client import CacheClient
 from meshserve.common import grpcutil, metrics, tracing
 from meshserve.common.backoff import Backoff
+from meshserve.common.control_store import GatewayControlStore, RedisControlStore
 from meshserve.common.grpcutil import MiB
 from meshserve.common.repository import ModelRepository
 from meshserve.common.settings import write_port_file
@@ -36,9 +37,12 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
     batcher = BatcherClient(settings.batcher, transport=transport)
     cache = (CacheClient(settings.cache, settings.cache_timeout_ms / 1000, transport=transport)
              if settings.cache else None)
+    # The cluster's model control: in Redis with --redis-url, else on every batcher.
+    control = (RedisControlStore(settings.redis_url) if settings.redis_url
+               else GatewayControlStore(settings.batcher, batcher.each, transport))
     gateway = Gateway(
         ModelRepository(settings.model_repository), batcher, cache,
-        cache_timeout_s=settings.cache_timeout_ms / 1000,
+        cache_timeout_s=settings.cache_timeout_ms / 1000, control=control,
     )
     # API keys, rate limits, load shedding: one interceptor (gateway/protection.py).
     gateway.protection = protection.create(settings, registry)
@@ -86,6 +90,7 @@ async def serve(settings: Settings) -> None:
     log.info("gateway listening on %s:%d (HTTP %s)", settings.host, port,
              http_port if http is not None else "off")
     await _wait_for_batcher(gateway)
+    await gateway.control.start(gateway.apply_control)
     await gateway.tasks.start()
     await gateway.router.start()
     await grpcutil.set_serving(health, SERVICES, True)
@@ -99,6 +104,7 @@ async def serve(settings: Settings) -> None:
     await asyncio.gather(server.stop(settings.grace_s), gateway.tasks.stop(settings.grace_s),
                          *([http.stop()] if http is not None else []))
     await gateway.router.close()
+    await gateway.control.close()
     await gateway.protection.close()
     await gateway.batcher.close()
     if gateway.cache is not None:

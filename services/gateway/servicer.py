@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import socket
 import time
 
 import grpc
@@ -30,6 +32,8 @@ EXTENSIONS = [
     "parameters",
     "response_cache",
 ]
+# Names this gateway where an answer covers it alone (ModelStatistics' cache counts).
+GATEWAY_ID = f"{socket.gethostname()}/{os.getpid()}"
 UNSUPPORTED_SHM = "shared memory is not supported by meshserve: send tensors in raw_input_contents"
 
 
@@ -243,7 +247,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ModelStatistics(self, request, context):
-        stats = await self.gateway.statistics(request.name, request.version)
+        stats, batchers = await self.gateway.statistics(request.name, request.version)
+        # Say what the numbers cover: inference counts are summed over these batchers; the
+        # cache counts are this gateway's own (each gateway counts its cache lookups).
+        context.set_trailing_metadata((
+            ("meshserve-statistics-batchers", ",".join(batchers)),
+            ("meshserve-statistics-cache", f"this gateway only ({GATEWAY_ID})"),
+        ))
         return pb.ModelStatisticsResponse(
             model_stats=[convert.model_statistics(*s) for s in stats]
         )

@@ -459,6 +459,12 @@ class _MemTask:
     response: bytes | None = None
     runs: int = 0
     finishes: int = 0
+    owner: str = ""
+    idempotency_key: str = ""  # forgotten with the task (no scan of every key)
+
+    @property
+    def size(self) -> int:
+        return len(self.request) + len(self.response or b"")
 
 
 @dataclass
@@ -475,6 +481,8 @@ class MemoryQueue:
     _drops: list = field(default_factory=list)  # heap of (forget_at_ms, task_id)
     _ready: asyncio.Condition | None = None
     _seq: int = 0
+    _bytes: int = 0  # of every stored task's request and response
+    _per_owner: dict[str, int] = field(default_factory=dict)  # stored tasks per API key
 
     def _cond(self) -> asyncio.Condition:
         if self._ready is None:
@@ -492,13 +500,38 @@ class MemoryQueue:
         return True
 
     def _forget_old(self, now: int) -> None:
+        """Each forgotten task in O(log n): its heap entry, its idempotency key, its counts."""
         while self._drops and self._drops[0][0] <= now:
             _at, tid = heapq.heappop(self._drops)
             task = self.tasks.get(tid)
             if task is not None and int(task.fields.get("forget_ms", "0")) <= now:
                 del self.tasks[tid]
-                for key in [k for k, v in self._idem.items() if v == tid]:
-                    del self._idem[key]
+                if task.idempotency_key and self._idem.get(task.idempotency_key) == tid:
+                    del self._idem[task.idempotency_key]
+                self._bytes -= task.size
+                left = self._per_owner[task.owner] - 1
+                if left:
+                    self._per_owner[task.owner] = left
+                else:
+                    del self._per_owner[task.owner]
+
+    def _check_room(self, tasks: Sequence[NewTask]) -> None:
+        """The store's bounds (count, bytes) and each key's quota, for the tasks to add."""
+        s = self.settings
+        size = sum(len(t.request) for t in tasks)
+        if len(self.tasks) + len(tasks) > s.max_stored or self._bytes + size > s.max_stored_bytes:
+            raise Overloaded(
+                f"the task store is full ({len(self.tasks)} tasks, {self._bytes} bytes; at most "
+                f"{s.max_stored} and {s.max_stored_bytes}); retry later")
+        adding: dict[str, int] = {}
+        for t in tasks:
+            adding[t.owner] = adding.get(t.owner, 0) + 1
+        for owner, n in adding.items():
+            held = self._per_owner.get(owner, 0)
+            if owner and held + n > s.max_per_key:
+                raise Overloaded(
+                    f"this API key holds {held} tasks (waiting, running or finished and not "
+                    f"yet expired), at most {s.max_per_key}: read or wait for them to expire")
 
     def _keep_until(self, task_id: str, at_ms: int) -> None:
         self.tasks[task_id].fields["forget_ms"] = str(at_ms)
@@ -507,9 +540,10 @@ class MemoryQueue:
     async def submit(self, tasks: Sequence[NewTask]) -> list[str]:
         now = now_ms()
         self._forget_old(now)
-        fresh = sum(1 for t in tasks if not t.idempotency_key or t.idempotency_key not in self._idem)
-        if fresh and len(self._open) + fresh > self.settings.max_queue:
+        fresh = [t for t in tasks if not t.idempotency_key or t.idempotency_key not in self._idem]
+        if fresh and len(self._open) + len(fresh) > self.settings.max_queue:
             raise Overloaded(full_message(len(self._open), len(tasks), self.settings.max_queue))
+        self._check_room(fresh)
         ids = []
         rttl = int(self.settings.result_ttl_s * 1000)
         for t in tasks:
@@ -522,7 +556,10 @@ class MemoryQueue:
             entry = f"{now}-{self._seq}"
             self.tasks[tid] = _MemTask(
                 {"state": str(int(State.PENDING)), "submitted_ms": str(now),
-                 "deadline_ms": str(deadline), "owner": t.owner}, t.request, entry)
+                 "deadline_ms": str(deadline), "owner": t.owner}, t.request, entry,
+                owner=t.owner, idempotency_key=t.idempotency_key)
+            self._bytes += len(t.request)
+            self._per_owner[t.owner] = self._per_owner.get(t.owner, 0) + 1
             self._keep_until(tid, deadline + 2 * rttl)
             if t.idempotency_key:
                 self._idem[t.idempotency_key] = tid
@@ -555,6 +592,7 @@ class MemoryQueue:
         rttl = int(self.settings.result_ttl_s * 1000)
         task.fields.update(state=str(int(state)), finished_ms=str(now),
                            expires_ms=str(now + rttl), error_code=str(code), error_message=message)
+        self._bytes -= len(task.request)
         task.request = b""
         self._open.discard(task.entry_id)
         self._keep_until(task_id, now + 2 * rttl)
@@ -614,6 +652,7 @@ class MemoryQueue:
             return False
         if state == State.SUCCEEDED:
             task.response = response
+            self._bytes += len(response)
         task.finishes += 1
         self._finish(d.task_id, state, code, message)
         return True

@@ -53,9 +53,15 @@ class QueueSettings:
     claim_idle_s: float = 30.0  # a delivery unacknowledged this long is claimed by another runner
     max_deliveries: int = 3  # deliveries of one task before it is dead-lettered (FAILED)
     key_prefix: str = "meshserve:tasks"
+    # The in-process store (tasks kept until twice their result TTL, finished or not): at
+    # most this many, this many bytes of requests and responses, this many per API key.
+    max_stored: int = 200_000
+    max_stored_bytes: int = 512 * 1024 * 1024
+    max_per_key: int = 10_000
 
     def __post_init__(self) -> None:
-        for name in ("max_queue", "task_ttl_s", "result_ttl_s", "claim_idle_s", "max_deliveries"):
+        for name in ("max_queue", "task_ttl_s", "result_ttl_s", "claim_idle_s", "max_deliveries",
+                     "max_stored", "max_stored_bytes", "max_per_key"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--async-{name.replace('_', '-')} must be > 0, "
                                   f"got {getattr(self, name)}")

@@ -12,6 +12,7 @@ from meshserve.batcher.client import BatcherClient
 from meshserve.cache.client import CacheClient
 from meshserve.common import grpcutil, metrics, tracing
 from meshserve.common.backoff import Backoff
+from meshserve.common.control_store import RedisControlStore
 from meshserve.common.logs import redact_url
 from meshserve.common.repository import ModelRepository
 from meshserve.common.settings import write_port_file
@@ -88,8 +89,10 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
     batcher = BatcherClient(settings.batcher, transport=transport)
     cache = (CacheClient(settings.cache, settings.cache_timeout_ms / 1000, transport=transport)
              if settings.cache else None)
+    # Default versions set by loads: the cluster's model control, in the same Redis.
     gateway = Gateway(ModelRepository(settings.model_repository), batcher, cache,
-                      cache_timeout_s=settings.cache_timeout_ms / 1000)
+                      cache_timeout_s=settings.cache_timeout_ms / 1000,
+                      control=RedisControlStore(settings.redis_url))
     service = AsyncService(gateway, registry, settings.redis_url, settings.runners,
                            settings.queue_settings(), settings.concurrency)
     server, port, health = grpcutil.new_server(f"{settings.host}:{settings.port}", [],
@@ -107,6 +110,7 @@ async def serve(settings: Settings) -> None:
         await gateway.cache.start()
     metrics_port = metrics.serve(registry, settings.metrics_port, settings.host)
     await server.start()
+    await gateway.control.start(gateway.apply_control)
     await service.start()
     await grpcutil.set_serving(health, [], True)
     write_port_file(settings.port_file, grpc=port, metrics=metrics_port)
@@ -117,6 +121,7 @@ async def serve(settings: Settings) -> None:
     await grpcutil.set_serving(health, [], False)
     await service.stop(settings.grace_s)
     await server.stop(settings.grace_s)
+    await gateway.control.close()
     await gateway.batcher.close()
     if gateway.cache is not None:
         await gateway.cache.close()

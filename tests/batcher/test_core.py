@@ -245,3 +245,29 @@ def test_a_failed_version_is_raised_only_once_every_version_swapped(models_dir):
             raise AssertionError("no error")
         await batcher.close()
     asyncio.run(body())
+
+
+def test_a_reload_gives_the_queue_the_new_config(models_dir, tmp_path):
+    import json
+    import shutil
+
+    async def body():
+        shutil.copytree(models_dir / "digits", tmp_path / "digits")
+        batcher, [link] = setup(tmp_path)
+        link.gate.clear()
+        queued = [batcher.submit(i, "digits", "2", row(i), [], 0, 0) for i in (1, 2)]
+        path = tmp_path / "digits" / "config.json"
+        config = json.loads(path.read_text())
+        config["batching"]["priority_levels"] = 3
+        config["batching"]["max_queue_delay_us"] = 7000
+        path.write_text(json.dumps(config))
+        link.gate.set()
+        await batcher.load_model("digits", ["2"])
+        mq = batcher._queues[KEY]
+        assert mq.config.batching.priority_levels == 3
+        assert mq.queue.policy.max_queue_delay_us == 7000
+        r = batcher.submit(3, "digits", "2", row(3.0), [], 3, 0)  # a level the old one lacked
+        results = await asyncio.wait_for(asyncio.gather(*(q.future for q in [*queued, r])), 5)
+        assert [first_value(x) for x in results] == [1.0, 2.0, 3.0]
+        await batcher.close()
+    asyncio.run(body())

@@ -410,3 +410,18 @@ def test_join_rows_refuses_parts_of_different_shapes():
              raw_tensor("x", "FP32", y.shape, y.tobytes())]
     with pytest.raises(Internal, match=r"FP32 \[1, 20\] and FP32 \[1, 10\]"):
         join_rows(parts)
+
+
+def test_a_reloaded_policy_keeps_queued_requests_in_order():
+    def body():
+        clock = Clock()
+        q = make_queue(clock, max_batch_size=8, priority_levels=3, default_priority_level=3)
+        low = [req(q, priority=3), req(q, priority=3)]
+        mid = req(q, priority=2)
+        q.set_policy(BatchPolicy(max_batch_size=2, max_queue_delay_us=1000, priority_levels=2,
+                                 default_priority_level=2))
+        # Level 3 is gone: its requests join level 2 after the older one there.
+        assert ids(q.take(1)) == [low[0].request_id, low[1].request_id]
+        assert ids(q.take(2)) == [mid.request_id]
+        assert len(q) == 0 and q.level_of(2) == 2
+    run(body)

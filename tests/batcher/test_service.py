@@ -251,7 +251,12 @@ def test_adaptive_mode_answers_exactly_and_learns_a_profile(start_service, model
 
 
 def test_dns_entries_resolve_to_every_address():
-    from meshserve.batcher.connection import _resolve
+    from meshserve.common.grpcutil import every_address, resolve_dns
 
-    addresses = asyncio.run(_resolve("dns:///localhost:8021"))
+    addresses = asyncio.run(resolve_dns("dns:///localhost:8021"))
     assert "127.0.0.1:8021" in addresses
+    every = asyncio.run(every_address("dns:///localhost:8021"))
+    assert ("127.0.0.1:8021", "localhost") in every
+    assert asyncio.run(every_address("a:1, b:2")) == [("a:1", ""), ("b:2", "")]
+    assert asyncio.run(every_address("ipv4:10.0.0.1:1,10.0.0.2:1")) == [
+        ("10.0.0.1:1", ""), ("10.0.0.2:1", "")]

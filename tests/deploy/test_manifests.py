@@ -34,15 +34,18 @@ METRICS_PORTS = {"gateway": 8002, "batcher": 8012, "worker": 8022, "cache": 8032
 OLDEST_KUBERNETES = "1.27.0"  # native gRPC probes are GA from 1.27 on
 
 BASE_KINDS = {
-    "Namespace": 1, "ServiceAccount": 5, "ConfigMap": 5, "Secret": 1, "Service": 5,
-    "PersistentVolumeClaim": 1, "Deployment": 4, "StatefulSet": 1,
-    "PodDisruptionBudget": 4, "HorizontalPodAutoscaler": 1, "NetworkPolicy": 6,
+    "Namespace": 1, "ServiceAccount": 6, "ConfigMap": 6, "Secret": 2, "Service": 6,
+    "PersistentVolumeClaim": 1, "Deployment": 4, "StatefulSet": 2,
+    "PodDisruptionBudget": 4, "HorizontalPodAutoscaler": 1, "NetworkPolicy": 7,
 }
 EXPECTED_KINDS = {
     "cpu": BASE_KINDS,
     "gpu": BASE_KINDS,
     "all": {**BASE_KINDS, "PersistentVolumeClaim": 0, "HorizontalPodAutoscaler": 2,
-            "ServiceMonitor": 4},
+            "ServiceMonitor": 4,
+            # components/async-runner: its Deployment, ConfigMap, ServiceAccount, PDB, policy
+            "Deployment": 5, "ConfigMap": 7, "ServiceAccount": 7, "PodDisruptionBudget": 5,
+            "NetworkPolicy": 8},
 }
 
 
@@ -87,12 +90,15 @@ def main_container(workload: dict) -> dict:
 
 
 def settings(rendered, target: str, tier: str) -> dict[str, str]:
-    """The MESHSERVE_* variables a tier's Deployment gets through envFrom."""
+    """The MESHSERVE_* variables a tier's Deployment gets through envFrom, and its own env
+    values (which win, as in Kubernetes)."""
     deployment = get(rendered, target, "Deployment", f"meshserve-{tier}")
     env: dict[str, str] = {}
     for source in main_container(deployment).get("envFrom", []):
         config_map = get(rendered, target, "ConfigMap", source["configMapRef"]["name"])
         env.update(config_map["data"])
+    env.update({e["name"]: e["value"] for e in main_container(deployment).get("env", [])
+                if "value" in e})
     return env
 
 
@@ -202,19 +208,19 @@ def test_cpu_overlay_runs_workers_on_cpu(rendered):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_services_name_their_ports_and_select_their_pods(rendered, target):
-    for tier in (*TIERS, "redis"):
+    for tier in (*TIERS, "redis", "state"):
         service = get(rendered, target, "Service", f"meshserve-{tier}")
         names = {p["name"] for p in service["spec"]["ports"]}
-        assert names == ({"redis"} if tier == "redis" else {"grpc", "metrics"}
+        assert names == ({"redis"} if tier in ("redis", "state") else {"grpc", "metrics"}
                          | ({"http"} if tier == "gateway" else set()))
-        kind = "StatefulSet" if tier == "redis" else "Deployment"
+        kind = "StatefulSet" if tier in ("redis", "state") else "Deployment"
         pods = get(rendered, target, kind, f"meshserve-{tier}")["spec"]["template"]
         labels = pods["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= labels.items()
         container_ports = {p["name"] for p in main_container({"spec": {"template": pods}})["ports"]}
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
     # inside the mesh, clients resolve every pod (headless) and balance per stream
-    for tier in ("batcher", "worker", "cache", "redis"):
+    for tier in ("batcher", "worker", "cache", "redis", "state"):
         assert get(rendered, target, "Service", f"meshserve-{tier}")["spec"]["clusterIP"] == "None"
     gateway = get(rendered, target, "Service", "meshserve-gateway")["spec"]
     assert gateway.get("clusterIP") != "None"
@@ -241,6 +247,38 @@ def test_clients_use_dns_targets_of_headless_services(rendered, target):
     assert re.fullmatch(r"redis://meshserve-redis:6379/\d+", redis_url)
     for tier in ("gateway", "batcher", "worker"):
         assert settings(rendered, target, tier)["MESHSERVE_MODEL_REPOSITORY"] == "/models"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_gateways_and_batchers_share_the_state_redis(rendered, target):
+    """Durable async tasks, shared routing policies and rate limits (gateways) and the
+    cluster's model control (gateways and batchers) in the state Redis, apart from the
+    cache's, with its password from a Secret."""
+    state_url = "redis://:$(REDIS_PASSWORD)@meshserve-state:6379/0"
+    tiers = ("gateway", "batcher", *(("async-runner",) if target == "all" else ()))
+    for tier in tiers:
+        assert settings(rendered, target, tier)["MESHSERVE_REDIS_URL"] == state_url, tier
+        env = main_container(get(rendered, target, "Deployment", f"meshserve-{tier}"))["env"]
+        password = [e for e in env if e["name"] == "REDIS_PASSWORD"][0]
+        assert password["valueFrom"]["secretKeyRef"]["name"] == "meshserve-state-redis"
+    assert "meshserve-state" not in settings(rendered, target, "cache")["MESHSERVE_REDIS_URL"]
+
+
+def test_async_runner_component(rendered):
+    runner = get(rendered, "all", "Deployment", "meshserve-async-runner")
+    container = main_container(runner)
+    assert container["args"] == ["async-runner"]
+    env = settings(rendered, "all", "async-runner")
+    assert env["MESHSERVE_REDIS_URL"] == settings(rendered, "all", "gateway")["MESHSERVE_REDIS_URL"]
+    assert env["MESHSERVE_BATCHER"] == settings(rendered, "all", "gateway")["MESHSERVE_BATCHER"]
+    assert env["MESHSERVE_CACHE"] == settings(rendered, "all", "gateway")["MESHSERVE_CACHE"]
+    # the gateways only queue tasks then; the runners run them
+    assert settings(rendered, "all", "gateway")["MESHSERVE_ASYNC_RUNNERS"] == "0"
+    assert "MESHSERVE_ASYNC_RUNNERS" not in settings(rendered, "gpu", "gateway")
+    assert container["readinessProbe"]["grpc"]["port"] == 8041
+    assert {p["containerPort"] for p in container["ports"]} == {8041, 8042}
+    # models-from-image reaches the runner too (no claim left to mount)
+    assert not [v for v in pod_spec(runner)["volumes"] if "persistentVolumeClaim" in v]
 
 
 def _allowed(policies: list[dict], tier: str, port: int) -> set[str]:
@@ -270,19 +308,28 @@ def _allowed(policies: list[dict], tier: str, port: int) -> set[str]:
 def test_network_policies_deny_by_default_and_allow_each_tier_its_callers(rendered, target):
     policies = objects(rendered, target, "NetworkPolicy")
     deny = [p for p in policies if p["spec"]["podSelector"] == {}]
-    assert len(deny) == 1 and deny[0]["spec"]["policyTypes"] == ["Ingress"]
-    assert "ingress" not in deny[0]["spec"]
-    callers = {"gateway": "any", "batcher": "pod:meshserve-gateway",
-               "worker": "pod:meshserve-batcher", "cache": "pod:meshserve-gateway"}
+    assert len(deny) == 1 and deny[0]["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert "ingress" not in deny[0]["spec"] and "egress" not in deny[0]["spec"]
+    # components/async-runner: the runners call batchers, caches and Redis like a gateway
+    runner = {"pod:meshserve-async-runner"} if target == "all" else set()
+    callers = {"gateway": {"namespace:ingress-nginx"}, "batcher": {"pod:meshserve-gateway", *runner},
+               "worker": {"pod:meshserve-batcher"}, "cache": {"pod:meshserve-gateway", *runner}}
     for tier, caller in callers.items():
-        assert _allowed(policies, tier, GRPC_PORTS[tier]) == {caller}, tier
+        assert _allowed(policies, tier, GRPC_PORTS[tier]) == caller, tier
         assert _allowed(policies, tier, METRICS_PORTS[tier]) == {"namespace:monitoring"}, tier
-    assert _allowed(policies, "gateway", 8000) == {"any"}  # HTTP/JSON, like gRPC
+    assert _allowed(policies, "gateway", 8000) == {"namespace:ingress-nginx"}  # like gRPC
+    # The cache's Redis: its entries, cache pods only. The state Redis: the gateways' tasks,
+    # policies, rate limits, model control; the batchers' model control.
     assert _allowed(policies, "redis", 6379) == {"pod:meshserve-cache"}
+    assert _allowed(policies, "state", 6379) == {
+        "pod:meshserve-gateway", "pod:meshserve-batcher", *runner}
+    if runner:
+        assert _allowed(policies, "async-runner", 8041) == set()  # nothing calls it
+        assert _allowed(policies, "async-runner", 8042) == {"namespace:monitoring"}
     # every tier has a policy of its own
     selected = {p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name")
                 for p in policies}
-    assert {f"meshserve-{t}" for t in (*TIERS, "redis")} <= selected
+    assert {f"meshserve-{t}" for t in (*TIERS, "redis", "state")} <= selected
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -352,17 +399,24 @@ def test_service_monitors_scrape_every_metrics_port(rendered):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_redis_is_a_bounded_lru_cache_without_persistence(rendered, target):
-    redis = get(rendered, target, "StatefulSet", "meshserve-redis")
+@pytest.mark.parametrize("name, policy", [("redis", "volatile-lru"), ("state", "noeviction")])
+def test_redis_is_bounded_and_has_no_persistence(rendered, target, name, policy):
+    """The cache's Redis evicts its least used entries; the state Redis never evicts (a
+    full one refuses writes) and needs its password."""
+    redis = get(rendered, target, "StatefulSet", f"meshserve-{name}")
     container = main_container(redis)
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     config_volume = [v for v in pod_spec(redis)["volumes"] if v["name"] == "config"][0]
     config_map = get(rendered, target, "ConfigMap", config_volume["configMap"]["name"])
-    conf_path = container["command"][-1]
+    conf_path = container["command"][1]
     assert conf_path == f"{mounts['config']}/redis.conf"
     conf = dict(line.split(None, 1) for line in config_map["data"]["redis.conf"].splitlines()
                 if line.strip() and not line.startswith("#"))
-    assert conf["maxmemory-policy"] == "allkeys-lru"
+    assert conf["maxmemory-policy"] == policy
+    if name == "state":
+        assert container["command"][2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
+        password = [e for e in container["env"] if e["name"] == "REDIS_PASSWORD"][0]
+        assert password["valueFrom"]["secretKeyRef"]["name"] == "meshserve-state-redis"
     maxmemory_mib = int(conf["maxmemory"].removesuffix("mb"))
     limit_mib = int(container["resources"]["limits"]["memory"].removesuffix("Mi"))
     assert maxmemory_mib < limit_mib  # room for Redis's own overhead

@@ -165,6 +165,11 @@ def test_compressed_requests_and_responses(hc, mesh):
                                    {"Content-Encoding": "gzip", "Accept-Encoding": "deflate"})
     assert status == 200 and headers["content-encoding"] == "deflate"
     assert len(json.loads(zlib.decompress(raw))["outputs"]) == 3
+    # a body that is not what its Content-Encoding says: 400, and no traceback in the log
+    status, _, raw = request(mesh, "POST", "/v2/models/digits/infer", b"not gzip",
+                             {"Content-Encoding": "gzip"})
+    assert status == 400 and "cannot be read" in json.loads(raw)["error"]
+    assert "Traceback" not in mesh.gateway.output()
 
 
 # ---------------------------------------------------------------------- repository

@@ -18,6 +18,8 @@ class Certs:
     def __init__(self, folder: Path):
         self.dir = folder
         self.ca, self.cert, self.key = folder / "ca.crt", folder / "tls.crt", folder / "tls.key"
+        # External clients: a certificate of the separate client CA.
+        self.client_ca = folder / "client-ca.crt"
         self.client_cert, self.client_key = folder / "client.crt", folder / "client.key"
 
     def service_flags(self) -> list[str]:

@@ -45,8 +45,8 @@ def credentials(certs, client_cert: bool) -> grpc.ChannelCredentials:
     if not client_cert:
         return grpc.ssl_channel_credentials(root_certificates=certs.ca.read_bytes())
     return grpc.ssl_channel_credentials(
-        root_certificates=certs.ca.read_bytes(), private_key=certs.client_key.read_bytes(),
-        certificate_chain=certs.client_cert.read_bytes())
+        root_certificates=certs.ca.read_bytes(), private_key=certs.key.read_bytes(),
+        certificate_chain=certs.cert.read_bytes())
 
 
 def health(channel: grpc.Channel) -> int:

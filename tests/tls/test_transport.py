@@ -49,7 +49,7 @@ def test_client_certificate_modes(certs, client_auth, without_cert_ok):
 async def _client_certificate_modes(certs, client_auth, without_cert_ok):
     server, target = await serve(server_transport(certs, client_auth))
     try:
-        with_cert = Transport(tls_cert=str(certs.client_cert), tls_key=str(certs.client_key),
+        with_cert = Transport(tls_cert=str(certs.cert), tls_key=str(certs.key),
                               tls_ca=str(certs.ca))
         assert await check(target, with_cert) == SERVING
         ca_only = Transport(tls_ca=str(certs.ca))

@@ -46,6 +46,7 @@ class Up:
         self.tmp = tmp
         self.port = port or free_port()
         self.up_metrics_port = free_port()
+        self.http_port = free_port()
         self.log_path = tmp / "up.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
@@ -53,7 +54,7 @@ class Up:
         self.proc = subprocess.Popen(
             [*MESHSERVE, "up", "--port", str(self.port), "--metrics-port", "0",
              "--up-metrics-port", str(self.up_metrics_port), "--devices", "cpu",
-             "--http-port", "0", *args],
+             "--http-port", str(self.http_port), *args],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
     @property

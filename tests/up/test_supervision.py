@@ -7,6 +7,8 @@ import asyncio
 import functools
 import io
 import socket
+import threading
+from dataclasses import replace
 
 import pytest
 
@@ -28,6 +30,34 @@ def run(test):
     return sync
 
 
+class Stuck(io.StringIO):
+    """A terminal that does not read (Ctrl-S): every write blocks until released."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.release.wait()
+        return super().write(text)
+
+
+@run
+async def test_a_terminal_that_does_not_read_never_blocks_a_service(tmp_path):
+    stuck = Stuck()
+    output = local_mesh.Output(stuck, max_pending=1)
+    service = Service(ServiceSpec("fake-0", "fake", ("--mode", "noisy")), tmp_path, "INFO",
+                      output)
+    await service.launch()
+    await service.ready()  # it wrote 20 MB on its way there, all read by `up`
+    assert await service.proc.wait() == 0
+    await service.pump
+    assert output.dropped > 0  # what the terminal could not take
+    stuck.release.set()
+    assert output.flush()
+    assert "pieces of output dropped: not read]" in stuck.getvalue()
+
+
 def test_lines_cut_long_lines_and_keep_any_bytes():
     lines = local_mesh.Lines(max_bytes=10)
     assert lines.feed(b"abc\nde") == ["abc"]
@@ -47,6 +77,7 @@ async def test_a_1mb_line_and_bad_bytes_never_block_the_child(tmp_path):
     await service.ready()
     assert await service.proc.wait() == 0
     await service.pump
+    assert service.out.flush()
     shown = out.getvalue().splitlines()
     assert len(shown) == 20_002
     assert shown[0] == f"   fake-0 | {'x' * MAX_LINE_BYTES} ...[line of {1 << 20} bytes cut]"
@@ -65,9 +96,10 @@ async def test_a_crashing_service_is_restarted_then_given_up_on(tmp_path):
     reason = await asyncio.wait_for(mesh.fatal, 60)
     await supervisor
     assert service.restarts == 2 and service.gave_up
-    assert reason == ("fake-0 crashed 3 times in a row, each within 30s of its start; giving "
-                      "up on it (last: exit code 3: fake_service cannot run: RuntimeError: "
-                      "boom); no fake left")
+    assert mesh.out.flush()
+    assert reason == ("fake-0 crashed 3 times in a row (2 restarts, each ending within 30s); "
+                      "giving up on it (last: exit code 3: fake_service cannot run: "
+                      "RuntimeError: boom); no fake left")
     text = out.getvalue()
     assert "fake-0 exited unexpectedly (exit code 3: fake_service cannot run: " in text
     assert "restarting it in 0.0s (restart 2)" in text
@@ -89,9 +121,10 @@ async def test_giving_up_on_one_of_two_serves_on(tmp_path):
     await serving.ready()
     await mesh._supervise(crashing)
     assert not mesh.fatal.done()
-    assert ("fake-0 crashed 1 times in a row, each within 30s of its start; giving up on it "
-            "(last: exit code 3: fake_service cannot run: RuntimeError: boom); serving on "
-            "with 1 other fake(s)") in out.getvalue()
+    assert mesh.out.flush()
+    assert ("fake-0 crashed 1 times in a row (0 restarts, each ending within 30s); giving up "
+            "on it (last: exit code 3: fake_service cannot run: RuntimeError: boom); serving "
+            "on with 1 other fake(s)") in out.getvalue()
     await mesh.stop()
     assert serving.proc.returncode == 0  # stopped by SIGTERM, in order
 
@@ -119,8 +152,17 @@ def test_the_cause_of_a_stop_is_the_failure_not_the_exit_noise():
     one_line = ["2026-11-30 21:02:35,108 CRITICAL meshserve.gateway: gateway cannot run: "
                 "RuntimeError: could not bind 127.0.0.1:8001", "sys:1: noise"]
     assert local_mesh.stop_cause(one_line) == (
-        "CRITICAL meshserve.gateway: gateway cannot run: RuntimeError: could not bind "
-        "127.0.0.1:8001")
+        "gateway cannot run: RuntimeError: could not bind 127.0.0.1:8001")
     assert local_mesh.stop_cause(["2026-11-30 21:02:35,108 INFO x: last words", ""]) == (
         "INFO x: last words")
     assert local_mesh.stop_cause([]) == "no output"
+
+
+def test_a_restart_binds_the_ports_the_first_start_bound():
+    spec = ServiceSpec("gateway", "gateway", ("--http-port", "0", "--batcher", "b:1"),
+                       port=0, metrics_port=0)
+    bound = spec.bound({"grpc": 4001, "metrics": 4002, "http": 4000})
+    assert (bound.port, bound.metrics_port) == (4001, 4002)
+    assert bound.flags == ("--http-port", "4000", "--batcher", "b:1")
+    fixed = ServiceSpec("gateway", "gateway", ("--http-port", "-1"), metrics_port=-1)
+    assert fixed.bound({"grpc": 4001, "metrics": None}) == replace(fixed, port=4001)

@@ -156,3 +156,15 @@ def test_second_up_on_taken_ports_fails_at_once_with_one_line(tmp_path):
         assert f"port {port} on 127.0.0.1" in lines[0] and flag in lines[0]
         assert "is in use" in lines[0] and lines[0].endswith("nothing was started")
         assert list(tmp_path.glob("meshserve-up-*")) == []
+
+
+def test_up_without_its_model_repository_says_so_in_one_line(tmp_path):
+    result = subprocess.run(
+        [*MESHSERVE, "up", "--devices", "cpu", "--port", "0", "--metrics-port", "-1",
+         "--http-port", "-1", "--model-repository", str(tmp_path / "none")],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert result.returncode == 1 and result.stderr == ""
+    assert result.stdout.splitlines() == [
+        f"       up | --model-repository {tmp_path / 'none'}: no such folder; nothing was "
+        "started"]

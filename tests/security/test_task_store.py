@@ -1,0 +1,61 @@
+"""The in-process task store (a gateway without Redis) is bounded: per API key, by count
+and by bytes, and forgets expired tasks without scanning every idempotency key."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from meshserve.common.errors import Overloaded
+from meshserve.tasks.queues import MemoryQueue
+from meshserve.tasks.records import NewTask, QueueSettings
+
+
+def submit_until_refused(queue: MemoryQueue, owner: str, total: int, batch: int = 1000,
+                         size: int = 16) -> int:
+    async def main():
+        accepted = 0
+        while accepted < total:
+            tasks = [NewTask(b"r" * size, owner=owner) for _ in range(batch)]
+            try:
+                accepted += len(await queue.submit(tasks))
+            except Overloaded as e:
+                return accepted, str(e)
+        return accepted, ""
+    return asyncio.run(main())
+
+
+def test_100k_tasks_from_one_key_stop_at_its_quota():
+    queue = MemoryQueue(QueueSettings())  # the defaults: 10 000 per key
+    accepted, why = submit_until_refused(queue, "key-a", 100_000)
+    assert accepted == 10_000
+    assert "this API key holds 10000 tasks" in why
+    # Another key is not starved by the first.
+    assert submit_until_refused(queue, "key-b", 1000)[0] == 1000
+
+
+def test_the_store_is_bounded_by_bytes_and_count():
+    queue = MemoryQueue(QueueSettings(max_stored_bytes=1024 * 1024, max_per_key=10**6))
+    accepted, why = submit_until_refused(queue, "k", 1000, batch=1, size=100 * 1024)
+    assert accepted == 10 and "the task store is full" in why
+    queue = MemoryQueue(QueueSettings(max_stored=500, max_per_key=10**6, max_queue=10**6))
+    assert submit_until_refused(queue, "", 10_000, batch=100)[0] == 500
+
+
+def test_expired_tasks_free_their_key_quota_and_idempotency_keys():
+    settings = QueueSettings(task_ttl_s=0.001, result_ttl_s=0.001, max_per_key=100)
+    queue = MemoryQueue(settings)
+
+    async def main():
+        await queue.submit([NewTask(b"x", idempotency_key=f"idem-{i}", owner="k")
+                            for i in range(100)])
+        with pytest.raises(Overloaded):
+            await queue.submit([NewTask(b"x", owner="k")])
+        time.sleep(0.05)  # past every task's deadline and twice its result TTL
+        await queue.submit([NewTask(b"x", owner="k")])  # forgets the expired ones first
+
+    asyncio.run(main())
+    assert len(queue.tasks) == 1 and not queue._idem
+    assert queue._per_owner == {"k": 1} and queue._bytes == 1
