@@ -229,3 +229,25 @@ def test_policy_sizes_are_bounded():
             (Policy("digits", split=(("1" * 500, 100.0),)), "is not a version")):
         with pytest.raises(InvalidInput, match=why):
             validate(bad, facts, {})
+
+
+def test_the_batchers_routing_store_refuses_a_cyclic_alias(mesh):
+    """The store gateways without Redis share: a Put closing an alias cycle (or naming
+    1000 fallbacks) is INVALID_ARGUMENT; the first alias is kept."""
+    from meshserve.pb.meshserve.v1 import routing_pb2_grpc as rpb_grpc
+
+    spec = {"high_queue_us": 1000, "low_queue_us": 500}
+    a = Policy("a", alias=AliasSpec(Target("b"), Target("digits"), **spec))
+    b = Policy("b", alias=AliasSpec(Target("a"), Target("digits"), **spec))
+    big = Policy("digits", fallback=(Target("digits", "1"),) * 1000)
+
+    def put(policy):
+        with grpc.insecure_channel(mesh.batcher.address) as channel:
+            rpb_grpc.RoutingStoreStub(channel).Put(
+                rpb.PolicyChange(model=policy.model, policy=policy_to_pb(policy)), timeout=10)
+
+    put(a)
+    for bad, why in ((b, "alias cycle: b -> a -> b"), (big, "1000 fallback entries")):
+        with pytest.raises(grpc.RpcError) as e:
+            put(bad)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in e.value.details()
