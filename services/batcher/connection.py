@@ -12,7 +12,7 @@ import logging
 import grpc
 
 from meshserve.batcher import convert
-from meshserve.batcher.records import Batch, BatchOutcome
+from meshserve.batcher.records import Batch, BatchReply
 from meshserve.batcher.workers import WorkerPool
 from meshserve.common import grpcutil
 from meshserve.common.backoff import Backoff
@@ -62,7 +62,7 @@ class WorkerConnection:
 
     # ------------------------------------------------------------------ WorkerLink
 
-    async def execute(self, batch: Batch) -> BatchOutcome:
+    async def execute(self, batch: Batch) -> BatchReply:
         send = self._send
         if send is None:
             raise Unavailable(f"model worker {self.address} is not connected")

@@ -18,7 +18,7 @@ from meshserve.batcher.adaptive import AdaptivePolicy, ArrivalRate
 from meshserve.batcher.queue import BatchPolicy, BatchQueue, Plan
 from meshserve.batcher.records import Batch, InferResult, RawTensor, Request
 from meshserve.batcher.stats import ModelStats, Statistics
-from meshserve.batcher.workers import Key, Worker, WorkerPool
+from meshserve.batcher.workers import Key, PooledWorker, WorkerPool
 from meshserve.common import tracing
 from meshserve.common.errors import (
     Cancelled,
@@ -188,7 +188,7 @@ class Batcher:
             if worker is None:
                 continue
 
-            def plan(w: Worker = worker) -> Plan | None:
+            def plan(w: PooledWorker = worker) -> Plan | None:
                 if mq.adaptive is None:
                     return None
                 return mq.adaptive.plan(w.profile(key), mq.rate.rows_per_s)
@@ -204,7 +204,7 @@ class Batcher:
             self._spawn(self._run_batch(key, batch, worker))
 
     async def _acquire(self, key: Key, q: BatchQueue | None,
-                       avoid: frozenset[str] = frozenset()) -> Worker | None:
+                       avoid: frozenset[str] = frozenset()) -> PooledWorker | None:
         """A READY worker with a free slot (its slot taken); None if q emptied meanwhile.
         Workers in `avoid` (those a batch failed on) are used only if no other holds it."""
         while True:
@@ -273,7 +273,7 @@ class Batcher:
         w.loading.discard(key)
         self.pool.notify()
 
-    async def _run_batch(self, key: Key, batch: Batch, worker: Worker) -> None:
+    async def _run_batch(self, key: Key, batch: Batch, worker: PooledWorker) -> None:
         model, version = key
         attempts = 0
         failed_on: set[str] = set()
@@ -314,7 +314,7 @@ class Batcher:
                 self._answer_all(batch, e)
                 return
 
-    def _finish(self, batch: Batch, worker: Worker, outcome) -> None:
+    def _finish(self, batch: Batch, worker: PooledWorker, outcome) -> None:
         key = (batch.model, batch.version)
         executed = outcome.executed_batch_size or batch.rows
         worker.profile(key).observe(executed, outcome.compute_ns / 1e9)
@@ -425,7 +425,7 @@ class Batcher:
         self._unwanted.discard(key)
         await self._reload(key, holders)
 
-    async def _reload(self, key: Key, holders: list[Worker]) -> None:
+    async def _reload(self, key: Key, holders: list[PooledWorker]) -> None:
         """Each holder warms the new files, then swaps them in (its batches keep running
         meanwhile). Holders whose reload failed drop the version, so that every answer
         comes from the new files; FailedPrecondition when every holder failed (the

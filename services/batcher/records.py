@@ -125,7 +125,7 @@ class Batch:
 
 
 @dataclass(frozen=True, slots=True)
-class BatchOutcome:
+class BatchReply:
     """What a worker answered for one batch."""
 
     error: MeshError | None  # None: OK

@@ -23,6 +23,7 @@ import grpc
 
 from meshserve.cache.keys import DIGEST_BYTES
 from meshserve.common import tracing
+from meshserve.common.backoff import Backoff
 from meshserve.common.errors import Unavailable
 from meshserve.common.grpcutil import channel, error_from_rpc, split_targets
 from meshserve.common.hops import HopCount
@@ -79,8 +80,7 @@ class _Link:
         self._unanswered = 0
         self.up = False
         self.state_changed: Callable[[], None] = lambda: None  # up went True or False
-        self.backoff_initial_s = 0.05
-        self.backoff_max_s = 2.0
+        self.backoff = Backoff(0.05, 2.0)  # between reopenings; reset once one is answered
 
     def submit(self, item) -> bool:
         if not self.up:
@@ -94,7 +94,6 @@ class _Link:
         return self._pending_size
 
     async def run(self) -> None:
-        backoff_s = self.backoff_initial_s
         while True:
             call = self._open_call()
             self._unanswered = 0
@@ -115,10 +114,9 @@ class _Link:
                 pending, self._pending, self._pending_size = self._pending, [], 0
                 self._lost(pending)
             if answered:
-                backoff_s = self.backoff_initial_s
-            log.info("cache %s stream lost; reopening in %.2fs", self.name, backoff_s)
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, self.backoff_max_s)
+                self.backoff.reset()
+            log.info("cache %s stream lost; reopening in %.2fs", self.name, self.backoff.delay_s)
+            await self.backoff.wait()
 
     async def _write(self, call) -> None:
         while True:

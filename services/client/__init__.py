@@ -8,7 +8,7 @@ client commands (commands.py; their output in format.py).
 
 from meshserve.client.sdk import (
     AsyncClient,
-    InferResult,
+    InferResponse,
     TaskResult,
     bearer_auth,
     infer_request,
@@ -16,5 +16,5 @@ from meshserve.client.sdk import (
     task_result,
 )
 
-__all__ = ["AsyncClient", "InferResult", "TaskResult", "bearer_auth", "infer_request",
+__all__ = ["AsyncClient", "InferResponse", "TaskResult", "bearer_auth", "infer_request",
            "infer_result", "task_result"]

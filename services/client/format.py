@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from meshserve.client.sdk import InferResult, TaskResult
+from meshserve.client.sdk import InferResponse, TaskResult
 from meshserve.pb.meshserve.v1 import routing_pb2 as rpb
 
 
@@ -15,7 +15,7 @@ def format_outputs(outputs: dict[str, np.ndarray]) -> str:
         for name, array in outputs.items())
 
 
-def format_result(model: str, result: InferResult) -> str:
+def format_result(model: str, result: InferResponse) -> str:
     head = (f"model {model} version {result.model_version}  cache_hit={result.cache_hit} "
             f"queue_us={result.queue_us} compute_us={result.compute_us} "
             f"served_by={result.served_by}")

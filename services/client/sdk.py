@@ -27,7 +27,7 @@ from meshserve.pb.meshserve.v1 import routing_pb2_grpc as rpb_grpc
 
 
 @dataclass(frozen=True, slots=True)
-class InferResult:
+class InferResponse:
     model_version: str
     outputs: dict[str, np.ndarray]
     cache_hit: bool
@@ -78,7 +78,7 @@ class AsyncClient:
         use_cache: bool = True,
         request_id: str = "",
         route_key: str = "",
-    ) -> InferResult:
+    ) -> InferResponse:
         request = infer_request(model, inputs, outputs, version, priority, None, use_cache)
         request.id = request_id
         metadata = (("x-route-key", route_key),) if route_key else None
@@ -268,7 +268,7 @@ def bearer_auth(api_key: str) -> list:
 class TaskResult:
     task_id: str
     state: str  # PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED
-    result: InferResult | None  # when SUCCEEDED
+    result: InferResponse | None  # when SUCCEEDED
     error_code: str  # a grpc.StatusCode name ("" when none)
     error_message: str
     submitted_unix_ms: int
@@ -300,13 +300,13 @@ def infer_request(model: str, inputs: Mapping[str, np.ndarray], outputs: Sequenc
     return request
 
 
-def infer_result(response: pb.ModelInferResponse) -> InferResult:
+def infer_result(response: pb.ModelInferResponse) -> InferResponse:
     arrays = {
         t.name: to_numpy(t.name, t.datatype, t.shape, raw)
         for t, raw in zip(response.outputs, response.raw_output_contents, strict=True)
     }
     p = response.parameters
-    return InferResult(response.model_version, arrays, p["cache_hit"].bool_param,
+    return InferResponse(response.model_version, arrays, p["cache_hit"].bool_param,
                        p["queue_us"].int64_param, p["compute_us"].int64_param,
                        p["served_by"].string_param)
 

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 
 from meshserve.batcher.core import Batcher, BatcherOptions, Session
-from meshserve.batcher.records import BatchOutcome, RawTensor, raw_tensor
+from meshserve.batcher.records import BatchReply, RawTensor, raw_tensor
 from meshserve.batcher.workers import HeldModel, WorkerPool, WorkerReport
 from meshserve.common.errors import (
     Cancelled,
@@ -38,17 +38,17 @@ class FakeLink:
         self.reload_gates: dict[str, asyncio.Event] = {}
         self.unloads: list = []
 
-    async def execute(self, batch) -> BatchOutcome:
+    async def execute(self, batch) -> BatchReply:
         self.batches.append(batch)
         await self.gate.wait()
         if self.fail:
             error = self.fail.pop(0)
             if isinstance(error, Unavailable):
                 raise error
-            return BatchOutcome(error, (), 0, 0)
+            return BatchReply(error, (), 0, 0)
         x = batch.inputs[0]
         out = RawTensor("logits", x.datatype, x.shape, x.data)
-        return BatchOutcome(None, (out,), 1000, batch.rows)
+        return BatchReply(None, (out,), 1000, batch.rows)
 
     async def load(self, model, version, reload=False):
         if not reload:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import grpc
 import numpy as np
@@ -59,7 +60,12 @@ def test_tls_client_is_answered_through_the_mtls_mesh(tls_mesh, certs):
     with grpc.secure_channel(tls_mesh.gateway.address, credentials(certs, False)) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         first = stub.ModelInfer(infer_request(X), timeout=30)
-        second = stub.ModelInfer(infer_request(X), timeout=30)
+        # The gateway stores without delaying its answer: the entry lands shortly after.
+        for _ in range(50):
+            second = stub.ModelInfer(infer_request(X), timeout=30)
+            if second.parameters["cache_hit"].bool_param:
+                break
+            time.sleep(0.02)
     np.testing.assert_array_equal(predictions(first), expected_predictions(X))
     np.testing.assert_array_equal(predictions(second), expected_predictions(X))
     # The second answer came from the cache: the gateway -> cache hop works over mTLS too.
