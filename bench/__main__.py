@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import cpu_per_request
 from bench import rest as http_bench
 from bench.loadgen import Target, closed_loop, closed_loop_stream, make_request, open_loop
 from bench.models import CNN_INPUT, build_repository
@@ -113,33 +114,98 @@ async def measure(target: Target, model: str, next_request, concurrency: int,
     return summary
 
 
+def distinct_requests(rows: np.ndarray):
+    """A new input per request (cache on, every request a miss), as most real traffic."""
+    offset = iter(range(1, 10**12))
+    return lambda i: make_request(  # noqa: E731
+        "digits", rows[i % len(rows)][None] + next(offset) * 1e-3, use_cache=True)
+
+
+async def noop_cpu(target: Target, pid: int, next_request, concurrency: int,
+                   duration_s: float) -> dict:
+    """The do-nothing server at `concurrency`: throughput and its CPU us per request."""
+    await closed_loop(target, next_request, concurrency, 0.5, warmup_s=0)
+    before = cpu_per_request.cpu_s(pid)
+    result = await closed_loop(target, next_request, concurrency, duration_s, warmup_s=0)
+    summary = result.summary()
+    summary["concurrency"] = concurrency
+    summary["cpu_us_per_request"] = round(
+        (cpu_per_request.cpu_s(pid) - before) / max(1, result.ok) * 1e6, 1)
+    return summary
+
+
+async def headline(mesh_children: LocalMesh, mesh: Target, noop: Target, noop_pid: int,
+                   repo: Path, duration_s: float) -> dict:
+    """The issue-14 targets, every figure beside the do-nothing v2 server of this run."""
+    rows = digits_rows()
+    distinct = distinct_requests(rows)
+    hot = digits_rows(8) + 0.25
+    repeated = lambda i: make_request("digits", hot[i % 8][None], use_cache=True)  # noqa: E731
+    for i in range(8):  # warm: every repeated input cached
+        await mesh.stubs[0].ModelInfer(repeated(i))
+    out: dict = {"load_average_before": os.getloadavg()}
+
+    log("headline: 64 clients, distinct inputs (misses), all hits, and the do-nothing server")
+    base64 = await noop_cpu(noop, noop_pid, distinct, 64, duration_s)
+    miss64 = await cpu_per_request.measure(mesh_children, mesh, distinct, 64, duration_s)
+    hit64 = await cpu_per_request.measure(mesh_children, mesh, repeated, 64, duration_s)
+    cpu = miss64["cpu_us_per_inference"]
+    worker_us = sum(v for k, v in cpu.items() if k.startswith("worker"))
+    out["c64"] = {
+        "noop": base64, "mesh_misses": miss64, "mesh_hits": hit64,
+        "misses_ratio_vs_noop": round(miss64["throughput_rps"] / base64["throughput_rps"], 3),
+        "hits_ratio_vs_noop": round(hit64["throughput_rps"] / base64["throughput_rps"], 3),
+        "gateway_cpu_ratio_vs_noop": round(cpu.get("gateway", 0) / base64["cpu_us_per_request"], 2),
+        "cache_cpu_us": cpu.get("cache", 0),
+        "batcher_plus_worker_cpu_us": round(cpu.get("batcher", 0) + worker_us, 1),
+        "targets": {"misses_ratio_vs_noop": ">= 0.65", "hits_ratio_vs_noop": ">= 0.8",
+                    "gateway_cpu_ratio_vs_noop": "<= 1.5", "cache_cpu_us": "<= 60",
+                    "batcher_plus_worker_cpu_us": "<= 150"},
+    }
+    log(f"  do-nothing {base64['throughput_rps']}/s ({base64['cpu_us_per_request']} us CPU per "
+        f"request); mesh misses {miss64['throughput_rps']}/s "
+        f"({out['c64']['misses_ratio_vs_noop']}x), all hits {hit64['throughput_rps']}/s "
+        f"({out['c64']['hits_ratio_vs_noop']}x)")
+    log("  " + cpu_per_request.report("misses", miss64).replace("\n", "\n  "))
+    log("  " + cpu_per_request.report("all hits", hit64).replace("\n", "\n  "))
+
+    log("headline: one client, against the model in-process")
+    inproc = in_process_latency(repo / "digits" / "2" / "model.pt", rows[:1], duration_s)
+    base1 = await measure(noop, "", distinct, 1, duration_s)
+    miss1 = await measure(mesh, "", distinct, 1, duration_s)
+    hit1 = await measure(mesh, "", repeated, 1, duration_s)
+    out["c1"] = {
+        "in_process": inproc, "noop": base1, "mesh_miss": miss1, "mesh_hit": hit1,
+        "miss_added_p50_ms": round(miss1["p50_ms"] - inproc["p50_ms"], 3),
+        "hit_added_p50_ms": round(hit1["p50_ms"] - inproc["p50_ms"], 3),
+        "noop_added_p50_ms": round(base1["p50_ms"] - inproc["p50_ms"], 3),
+        "targets": {"miss_added_p50_ms": "<= 1.5", "hit_added_p50_ms": "<= 0.8"},
+    }
+    log(f"  p50: in-process {inproc['p50_ms']} ms, do-nothing server {base1['p50_ms']} ms, "
+        f"mesh miss {miss1['p50_ms']} ms (+{out['c1']['miss_added_p50_ms']}), hit "
+        f"{hit1['p50_ms']} ms (+{out['c1']['hit_added_p50_ms']}) (hit ratio "
+        f"{hit1['cache_hit_ratio']}, miss run {miss1['cache_hit_ratio']})")
+    out["load_average_after"] = os.getloadavg()
+    return out
+
+
 async def scenarios(mesh_address: str, baseline_address: str, repo: Path,
                     duration_s: float) -> dict:
     rows = digits_rows()
     digits_v2 = repo / "digits" / "2" / "model.pt"
     mesh = Target(mesh_address)
     baseline = Target(baseline_address)
-    uncached = lambda i: make_request("digits", rows[i % len(rows)][None], use_cache=False)  # noqa: E731
+    distinct = distinct_requests(rows)  # misses: the cache on, a new input each time
     out: dict = {}
-
-    log("overhead: digits, concurrency 1, against the model in-process")
-    inproc = in_process_latency(digits_v2, rows[:1], duration_s)
-    at1 = await measure(mesh, "digits", uncached, 1, duration_s)
-    out["overhead"] = {
-        "in_process": inproc, "mesh": at1,
-        "added_p50_ms": round(at1["p50_ms"] - inproc["p50_ms"], 3),
-        "target_added_p50_ms": 1.5,
-    }
-    log(f"  added p50 {out['overhead']['added_p50_ms']} ms")
 
     log("saturation: concurrency 1..128, mesh vs unbatched server vs in-process ceiling")
     ceiling = in_process_ceiling(digits_v2, (64,), 64, duration_s / 2)
     sat = {"mesh": [], "mesh_stream": [], "unbatched_server": [],
            "in_process_ceiling": ceiling}
     for c in SATURATION:
-        m = await measure(mesh, "digits", uncached, c, duration_s)
-        ms = await measure(mesh, "digits", uncached, c, duration_s, stream=True)
-        b = await measure(baseline, "", uncached, c, duration_s)
+        m = await measure(mesh, "digits", distinct, c, duration_s)
+        ms = await measure(mesh, "digits", distinct, c, duration_s, stream=True)
+        b = await measure(baseline, "", distinct, c, duration_s)
         sat["mesh"].append(m)
         sat["mesh_stream"].append(ms)
         sat["unbatched_server"].append(b)
@@ -170,29 +236,11 @@ async def scenarios(mesh_address: str, baseline_address: str, repo: Path,
     log(f"  mesh {cnn['throughput_rps']}/s at batch {cnn['mean_batch_size']}, ceiling "
         f"{cnn_ceiling['rows_per_s']}/s -> {out['compute_bound']['ratio_vs_ceiling']}")
 
-    log("cache: repeated inputs (hits) against distinct inputs (misses), concurrency 1")
-    hot = digits_rows(8) + 0.25
-    hit_req = lambda i: make_request("digits", hot[i % 8][None], use_cache=True)  # noqa: E731
-    for i in range(8):
-        await mesh.stubs[0].ModelInfer(hit_req(i))
-    hits = await measure(mesh, "", hit_req, 1, duration_s)
-    fresh = iter(range(10**9))
-    miss_req = lambda i: make_request(  # noqa: E731
-        "digits", rows[i % len(rows)][None] + next(fresh) * 1e-3, use_cache=True)
-    misses = await measure(mesh, "", miss_req, 1, duration_s)
-    out["cache"] = {
-        "hit": hits, "miss": misses,
-        "hit_p50_over_miss_p50": round(hits["p50_ms"] / misses["p50_ms"], 3),
-        "target_ratio": 0.5,
-    }
-    log(f"  hit p50 {hits['p50_ms']} ms (ratio {hits['cache_hit_ratio']}), miss p50 "
-        f"{misses['p50_ms']} ms")
-
     log("streaming: ModelStreamInfer against unary at the same concurrency")
     stream_rows = []
     for c in (16, 64):
-        unary = await measure(mesh, "digits", uncached, c, duration_s)
-        streamed = await measure(mesh, "digits", uncached, c, duration_s, stream=True)
+        unary = await measure(mesh, "digits", distinct, c, duration_s)
+        streamed = await measure(mesh, "digits", distinct, c, duration_s, stream=True)
         stream_rows.append({"concurrency": c, "unary": unary, "stream": streamed,
                             "stream_over_unary": round(
                                 streamed["throughput_rps"] / unary["throughput_rps"], 2)})
@@ -201,7 +249,7 @@ async def scenarios(mesh_address: str, baseline_address: str, repo: Path,
 
     log("open loop: digits at a fixed rate of half the mesh's peak")
     rate = max(50.0, peak_mesh / 2)
-    ol = (await open_loop(mesh, uncached, rate, duration_s)).summary()
+    ol = (await open_loop(mesh, distinct, rate, duration_s)).summary()
     ol["rate_rps"] = rate
     out["open_loop"] = ol
 
@@ -246,27 +294,36 @@ async def run(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="meshserve-bench-"))
     repo = build_repository(tmp / "models")
     port = free_port()
-    baseline_port = free_port()
-    baseline = subprocess.Popen(
+    baseline_port, noop_port = free_port(), free_port()
+    servers = [subprocess.Popen(
         [sys.executable, "-m", "bench.baseline_server", "--model",
-         str(repo / "digits" / "2" / "model.pt"), "--port", str(baseline_port)],
+         str(repo / "digits" / "2" / "model.pt"), "--port", str(p), *flags],
         stdout=subprocess.PIPE, cwd=ROOT,
-    )
-    baseline.stdout.readline()  # "ready"
+    ) for p, flags in ((baseline_port, ()), (noop_port, ("--noop",)))]
+    for server in servers:
+        server.stdout.readline()  # "ready"
     log_path = tmp / "mesh.log"
     with open(log_path, "w") as mesh_log:
         mesh = LocalMesh(str(repo), ["cpu"], os.environ.get("REDIS_URL", ""), port=port,
-                         metrics_port=-1, log_level="WARNING", log_file=mesh_log, http_port=0)
+                         metrics_port=0, log_level="WARNING", log_file=mesh_log, http_port=0)
         log(f"starting the mesh (logs: {log_path})")
         try:
             await mesh.start()
-            results = await scenarios(mesh.gateway_address, f"127.0.0.1:{baseline_port}",
-                                      repo, args.duration_s)
-            results["http"] = await http_bench.beside(mesh, args.duration_s, log)
+            target, noop = Target(mesh.gateway_address), Target(f"127.0.0.1:{noop_port}")
+            results = {"headline": await headline(mesh, target, noop, servers[1].pid, repo,
+                                                  args.duration_s)}
+            await target.close()
+            await noop.close()
+            if not args.headline_only:
+                results.update(await scenarios(mesh.gateway_address,
+                                               f"127.0.0.1:{baseline_port}", repo,
+                                               args.duration_s))
+                results["http"] = await http_bench.beside(mesh, args.duration_s, log)
         finally:
             await mesh.stop()
-            baseline.terminate()
-            baseline.wait()
+            for server in servers:
+                server.terminate()
+                server.wait()
     return results
 
 
@@ -274,6 +331,8 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument("--duration-s", type=float, default=4.0, help="measured seconds per point")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--headline-only", action="store_true",
+                   help="only the issue-14 targets (64 clients and one client)")
     args = p.parse_args()
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     t0 = time.monotonic()
@@ -290,7 +349,8 @@ def main() -> None:
     stamp = started.replace(":", "")
     for name in (f"bench-{stamp}.json", "latest.json"):
         (out / name).write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, out / "latest.png")
+    if "saturation" in results:
+        plot(results, out / "latest.png")
     log(f"wrote {out / 'latest.json'} and {out / 'latest.png'} in {results['wall_s']} s")
 
 

@@ -1,7 +1,11 @@
-"""What a user would write without us: one process, a grpc.aio v2 server calling the
-TorchScript model once per request (no batching, no cache).
+"""Baselines for `make bench`, one grpc.aio v2 server process each:
 
-    python -m bench.baseline_server --model-dir models/digits/2 --port 9001
+- what a user would write without us: the TorchScript model called once per request (no
+  batching, no cache);
+- `--noop`: a do-nothing server that parses the request and answers a fixed response, the
+  ceiling of the method (the load generator and one public gRPC call, nothing else).
+
+    python -m bench.baseline_server --model models/digits/2/model.pt --port 9001 [--noop]
 """
 
 from __future__ import annotations
@@ -35,10 +39,24 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-async def serve(model_path: str, port: int, threads: int) -> None:
+class NoopServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Parses the request (grpc does) and answers a fixed response: no model, no work."""
+
+    def __init__(self):
+        response = pb.ModelInferResponse(model_name="digits", model_version="1")
+        response.outputs.add(name="logits", datatype="FP32", shape=[1, 10])
+        response.raw_output_contents.append(bytes(40))
+        self.response = response
+
+    async def ModelInfer(self, request, context):
+        return self.response
+
+
+async def serve(model_path: str, port: int, threads: int, noop: bool = False) -> None:
     torch.set_num_threads(threads)
     server = grpc.aio.server(options=server_options())
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(model_path), server)
+    servicer = NoopServicer() if noop else Servicer(model_path)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print("ready", flush=True)
@@ -47,11 +65,14 @@ async def serve(model_path: str, port: int, threads: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True, help="path of a TorchScript file")
+    p.add_argument("--model", default="", help="path of a TorchScript file")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--noop", action="store_true", help="answer a fixed response, no model")
     a = p.parse_args()
-    asyncio.run(serve(a.model, a.port, a.threads))
+    if not a.noop and not a.model:
+        p.error("--model is required (or --noop)")
+    asyncio.run(serve(a.model, a.port, a.threads, a.noop))
 
 
 if __name__ == "__main__":

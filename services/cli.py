@@ -25,6 +25,8 @@ SERVICES = {
     "cache": "meshserve.cache.__main__",
     "async-runner": "meshserve.tasks.__main__",
 }
+# meshserve.client.commands.COMMANDS (not imported here: `meshserve gateway` needs no client)
+CLIENT_COMMANDS = ("infer", "submit", "result", "route")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,26 +41,14 @@ def main(argv: list[str] | None = None) -> None:
         from meshserve import local_mesh
 
         raise SystemExit(local_mesh.main(rest))
-    elif command == "infer":
-        from meshserve import client
+    elif command in CLIENT_COMMANDS:
+        from meshserve.client import commands
 
-        raise SystemExit(client.main(rest))
-    elif command == "submit":
-        from meshserve import client
-
-        raise SystemExit(client.submit_main(rest))
-    elif command == "result":
-        from meshserve import client
-
-        raise SystemExit(client.result_main(rest))
+        raise SystemExit(commands.main(command, rest))
     elif command == "keys":
         from meshserve.common import auth
 
         raise SystemExit(auth.keys_main(rest))
-    elif command == "route":
-        from meshserve import client
-
-        raise SystemExit(client.route_main(rest))
     else:
         print(f"meshserve: unknown command {command!r}\n\n{__doc__.strip()}", file=sys.stderr)
         raise SystemExit(2)

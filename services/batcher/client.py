@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from dataclasses import dataclass
 
 import grpc
 
 from meshserve.batcher.core import DRAINING
 from meshserve.common import grpcutil, tracing
 from meshserve.common.errors import DeadlineExceeded, MeshError, Unavailable
+from meshserve.common.hops import HopCount
 from meshserve.common.transport import Transport
 from meshserve.pb.meshserve.v1 import batcher_pb2, batcher_pb2_grpc, tensor_pb2
 
@@ -26,18 +28,30 @@ log = logging.getLogger(__name__)
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 
 
-class _Stream:
-    """One Infer stream: an outgoing queue drained whole per message, and pending futures."""
+# InferRequests messages sent and not yet acknowledged (InferResults.received) before the
+# next waits: holding it lets the requests that arrive meanwhile travel together.
+MAX_UNACKED_MESSAGES = 1
 
-    def __init__(self, stub: batcher_pb2_grpc.BatcherStub, target: str):
+
+class _Stream:
+    """One Infer stream: an outgoing queue drained whole per message, and pending futures.
+    Flow control: once the batcher has acknowledged a message (so it is known to), the
+    next waits while MAX_UNACKED_MESSAGES are unacknowledged."""
+
+    def __init__(self, stub: batcher_pb2_grpc.BatcherStub, target: str,
+                 sent: HopCount, received: HopCount):
         self.target = target
+        self.sent, self.received = sent, received  # requests out, results back
         self.pending: dict[int, asyncio.Future] = {}
         self._requests: list[batcher_pb2.InferRequest] = []
         self._cancelled: list[int] = []
+        self._withdrawn: list[int] = []
         self._wake = asyncio.Event()
         self.alive = True
         # Its batcher refused a request as draining: send nothing new on it.
         self.draining = False
+        self._unacked = 0
+        self._acks_seen = False  # an older batcher never acknowledges: no flow control
         self._call = stub.Infer(self._outgoing())
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -46,24 +60,33 @@ class _Stream:
         self._requests.append(request)
         self._wake.set()
 
-    def cancel(self, request_id: int) -> None:
+    def cancel(self, request_id: int, withdrawn: bool = False) -> None:
         if self.pending.pop(request_id, None) is not None and self.alive:
-            self._cancelled.append(request_id)
+            (self._withdrawn if withdrawn else self._cancelled).append(request_id)
             self._wake.set()
 
     async def _outgoing(self):
         while True:
-            while not self._requests and not self._cancelled:
+            while (not self._requests and not self._cancelled and not self._withdrawn) or (
+                    self._acks_seen and self._unacked >= MAX_UNACKED_MESSAGES):
                 self._wake.clear()
                 await self._wake.wait()
-            message = batcher_pb2.InferRequests(requests=self._requests, cancelled=self._cancelled)
-            self._requests, self._cancelled = [], []
+            message = batcher_pb2.InferRequests(requests=self._requests, cancelled=self._cancelled,
+                                                withdrawn=self._withdrawn)
+            self.sent.add(len(self._requests))
+            self._unacked += 1
+            self._requests, self._cancelled, self._withdrawn = [], [], []
             yield message
 
     async def _read(self) -> None:
         error: MeshError = Unavailable(f"the batcher at {self.target} closed the stream")
         try:
             async for message in self._call:
+                self.received.add(len(message.results))
+                if message.received:
+                    self._acks_seen = True
+                    self._unacked = max(0, self._unacked - message.received)
+                    self._wake.set()
                 for r in message.results:
                     future = self.pending.pop(r.request_id, None)
                     if future is not None and not future.done():
@@ -111,6 +134,10 @@ class BatcherClient:
         self._next_unary = itertools.count()
         self._ids = itertools.count(1)
         self._each_channels: dict[str, grpc.aio.Channel] = {}  # address -> channel (each())
+        self.sent, self.received = HopCount(), HopCount()
+
+    def hop_counts(self) -> list[tuple[str, HopCount]]:
+        return [("gateway->batcher", self.sent), ("batcher->gateway", self.received)]
 
     async def start(self) -> None:
         self._channels = [grpcutil.channel(t, self.transport) for t in self.targets]
@@ -151,7 +178,8 @@ class BatcherClient:
                 self._retired.add(stream)
             self._retired = {s for s in self._retired if s.alive}
             c = i % len(self._channels)
-            stream = self._streams[i] = _Stream(self._stubs[c], self.targets[c])
+            stream = self._streams[i] = _Stream(self._stubs[c], self.targets[c], self.sent,
+                                                self.received)
         return stream
 
     async def infer(self, model: str, version: str, inputs: list[tensor_pb2.Tensor],
@@ -160,23 +188,21 @@ class BatcherClient:
         """One request through a shared stream; raises the domain error of its result.
         A request a draining batcher refused (never queued) goes out again on another
         stream, which the channel opens to another batcher."""
+        return await self.result(self.send(model, version, inputs, outputs, priority,
+                                           timeout_s))
+
+    def send(self, model: str, version: str, inputs: list[tensor_pb2.Tensor],
+             outputs: list[str], priority: int = 0, timeout_s: float | None = None) -> Sent:
+        """Sends a request now; `await result(sent)` for its result, or `cancel(sent)`."""
         request = batcher_pb2.InferRequest(
             model=model, version=version, inputs=inputs, outputs=outputs, priority=priority,
             timeout_us=max(1, int(timeout_s * 1e6)) if timeout_s else 0,
             traceparent=tracing.current_traceparent(),  # the caller's trace context
         )
-        for _ in range(len(self._streams) + 1):
-            result, stream = await self._infer_once(request, timeout_s)
-            if result.code != _UNAVAILABLE or not result.message.startswith(DRAINING):
-                break
-            stream.draining = True
-        if result.code != 0:
-            raise grpcutil.error_from_code(result.code, result.message)
-        return result
+        return self._send(request, timeout_s)
 
-    async def _infer_once(self, request: batcher_pb2.InferRequest, timeout_s: float | None
-                          ) -> tuple[batcher_pb2.InferResult, _Stream]:
-        request_id = request.request_id = next(self._ids)
+    def _send(self, request: batcher_pb2.InferRequest, timeout_s: float | None) -> Sent:
+        request.request_id = next(self._ids)
         stream = self._stream()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -184,15 +210,37 @@ class BatcherClient:
         # The batcher answers DEADLINE_EXCEEDED itself; this timer only bounds a stuck hop
         # (a timer on the future costs less than wait_for's extra task per request).
         timer = loop.call_later(timeout_s + 1.0, _expire, future, timeout_s) if timeout_s else None
-        try:
-            result = await future
-        except (DeadlineExceeded, asyncio.CancelledError):
-            stream.cancel(request_id)
-            raise
-        finally:
-            if timer is not None:
-                timer.cancel()
-        return result, stream
+        return Sent(request, timeout_s, stream, future, timer)
+
+    def cancel(self, sent: Sent) -> None:
+        """The caller no longer needs the result: the batcher drops the request (not
+        counted as a failure)."""
+        if sent.timer is not None:
+            sent.timer.cancel()
+        if not sent.future.done():
+            sent.future.cancel()
+        sent.stream.cancel(sent.request.request_id, withdrawn=True)
+
+    async def result(self, sent: Sent) -> batcher_pb2.InferResult:
+        retries = len(self._streams)
+        while True:
+            try:
+                result = await sent.future
+            except (DeadlineExceeded, asyncio.CancelledError):
+                sent.stream.cancel(sent.request.request_id)
+                raise
+            finally:
+                if sent.timer is not None:
+                    sent.timer.cancel()
+            if (result.code == _UNAVAILABLE and result.message.startswith(DRAINING)
+                    and retries > 0):
+                sent.stream.draining = True
+                retries -= 1
+                sent = self._send(sent.request, sent.timeout_s)
+                continue
+            if result.code != 0:
+                raise grpcutil.error_from_code(result.code, result.message)
+            return result
 
     async def _unary(self, method: str, request, channel_index: int | None = None):
         if not self._stubs:
@@ -270,6 +318,17 @@ class BatcherClient:
 
     async def model_states(self, model: str = "") -> batcher_pb2.ModelStatesResponse:
         return await self._unary("ModelStates", batcher_pb2.ModelStatesRequest(model=model))
+
+
+@dataclass(slots=True)
+class Sent:
+    """A request sent on a stream, its result not awaited yet."""
+
+    request: batcher_pb2.InferRequest
+    timeout_s: float | None
+    stream: _Stream
+    future: asyncio.Future
+    timer: asyncio.TimerHandle | None
 
 
 def _expire(future: asyncio.Future, timeout_s: float) -> None:

@@ -20,7 +20,7 @@ class Settings:
     model_repository: str = "models"
     load: tuple[str, ...] = ()  # model names, or ("all",)
     max_retries: int = 2
-    max_in_flight_per_worker: int = 0  # 0: by device and batch cost (workers.Worker.slots)
+    max_in_flight_per_worker: int = 0  # 0: by device and batch cost (workers.PooledWorker.slots)
     # Overrides of the model configs' batching (0 / None: the config's).
     max_batch_size: int = 0
     max_queue_delay_us: int = 0

@@ -12,12 +12,13 @@ import logging
 import grpc
 
 from meshserve.batcher import convert
-from meshserve.batcher.records import Batch, BatchOutcome
+from meshserve.batcher.records import Batch, BatchReply
 from meshserve.batcher.workers import WorkerPool
 from meshserve.common import grpcutil
 from meshserve.common.backoff import Backoff
 from meshserve.common.errors import Unavailable
 from meshserve.common.grpcutil import dns_host, resolve_dns
+from meshserve.common.hops import HopCount
 from meshserve.common.transport import Transport
 from meshserve.pb.meshserve.v1 import worker_pb2, worker_pb2_grpc
 
@@ -47,6 +48,7 @@ class WorkerConnection:
         # The worker reported draining; once nothing is in flight we end the Execute stream.
         self._draining = False
         self._ended = False
+        self.sent, self.received = HopCount(), HopCount()  # rows of the batches, both ways
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -60,7 +62,7 @@ class WorkerConnection:
 
     # ------------------------------------------------------------------ WorkerLink
 
-    async def execute(self, batch: Batch) -> BatchOutcome:
+    async def execute(self, batch: Batch) -> BatchReply:
         send = self._send
         if send is None:
             raise Unavailable(f"model worker {self.address} is not connected")
@@ -68,7 +70,7 @@ class WorkerConnection:
             raise Unavailable(f"model worker {self.address} is draining")
         future = asyncio.get_running_loop().create_future()
         self._pending[batch.batch_id] = future
-        send.put_nowait(convert.batch_to_pb(batch))
+        send.put_nowait((convert.batch_to_pb(batch), batch.rows))
         try:
             return await future
         finally:
@@ -120,7 +122,7 @@ class WorkerConnection:
                 if first is grpc.aio.EOF:
                     raise Unavailable("WatchStatus ended at once")
                 send: asyncio.Queue = asyncio.Queue()
-                call = stub.Execute(_coalesce(send))
+                call = stub.Execute(_coalesce(send, self.sent))
                 self._stub, self._send = stub, send
                 self._draining, self._ended = first.draining, False
                 self.pool.update(self.address, convert.report_from_pb(first), connected=True)
@@ -168,10 +170,14 @@ class WorkerConnection:
 
     async def _read(self, call) -> None:
         async for response in call:
+            rows = 0
             for r in response.results:
                 future = self._pending.pop(r.batch_id, None)
                 if future is not None and not future.done():
-                    future.set_result(convert.outcome_from_pb(r))
+                    outcome = convert.outcome_from_pb(r)
+                    rows += outcome.executed_batch_size
+                    future.set_result(outcome)
+            self.received.add(rows)
 
     async def _watch(self, watch) -> None:
         while (status := await watch.read()) is not grpc.aio.EOF:
@@ -180,21 +186,23 @@ class WorkerConnection:
             self._end_if_drained()
 
 
-async def _coalesce(send: asyncio.Queue):
+async def _coalesce(send: asyncio.Queue, sent: HopCount):
     """Execute's request stream: every batch pending when the stream is free, in one message;
-    a None in the queue ends the stream (after the batches queued before it)."""
+    a None in the queue ends the stream (after the batches queued before it). Queue items
+    are (worker_pb2.Batch, its rows)."""
     while True:
-        batch = await send.get()
-        if batch is None:
+        item = await send.get()
+        if item is None:
             return
-        batches, end = [batch], False
+        items, end = [item], False
         while not send.empty() and not end:
-            batch = send.get_nowait()
-            if batch is None:
+            item = send.get_nowait()
+            if item is None:
                 end = True
             else:
-                batches.append(batch)
-        yield worker_pb2.ExecuteRequest(batches=batches)
+                items.append(item)
+        sent.add(sum(n for _, n in items))
+        yield worker_pb2.ExecuteRequest(batches=[b for b, _ in items])
         if end:
             return
 
@@ -249,6 +257,12 @@ class WorkerDirectory:
             await conn.close()
             self.pool.remove(address)
             log.info("model worker %s removed (no longer resolved)", address)
+
+    def hop_counts(self) -> list[tuple[str, HopCount]]:
+        out = []
+        for conn in self.connections.values():
+            out += [("batcher->worker", conn.sent), ("worker->batcher", conn.received)]
+        return out
 
     async def close(self) -> None:
         if self._task is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshserve.batcher.records import Batch, BatchOutcome, InferResult, RawTensor, raw_tensor
+from meshserve.batcher.records import Batch, BatchReply, InferResult, RawTensor, raw_tensor
 from meshserve.batcher.stats import ModelStats
 from meshserve.batcher.workers import HeldModel, WorkerReport
 from meshserve.common import grpcutil
@@ -32,11 +32,11 @@ def _traceparents(batch: Batch) -> list[str]:
     return found if any(found) else []
 
 
-def outcome_from_pb(r: worker_pb2.BatchResult) -> BatchOutcome:
+def outcome_from_pb(r: worker_pb2.BatchResult) -> BatchReply:
     if r.code != 0:
-        return BatchOutcome(grpcutil.error_from_code(r.code, r.message), (), r.compute_ns,
+        return BatchReply(grpcutil.error_from_code(r.code, r.message), (), r.compute_ns,
                             r.executed_batch_size)
-    return BatchOutcome(None, tuple(tensor_from_pb(t) for t in r.outputs), r.compute_ns,
+    return BatchReply(None, tuple(tensor_from_pb(t) for t in r.outputs), r.compute_ns,
                         r.executed_batch_size)
 
 

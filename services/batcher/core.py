@@ -18,7 +18,7 @@ from meshserve.batcher.adaptive import AdaptivePolicy, ArrivalRate
 from meshserve.batcher.queue import BatchPolicy, BatchQueue, Plan
 from meshserve.batcher.records import Batch, InferResult, RawTensor, Request
 from meshserve.batcher.stats import ModelStats, Statistics
-from meshserve.batcher.workers import Key, Worker, WorkerPool
+from meshserve.batcher.workers import Key, PooledWorker, WorkerPool
 from meshserve.common import tracing
 from meshserve.common.errors import (
     Cancelled,
@@ -188,7 +188,7 @@ class Batcher:
             if worker is None:
                 continue
 
-            def plan(w: Worker = worker) -> Plan | None:
+            def plan(w: PooledWorker = worker) -> Plan | None:
                 if mq.adaptive is None:
                     return None
                 return mq.adaptive.plan(w.profile(key), mq.rate.rows_per_s)
@@ -204,7 +204,7 @@ class Batcher:
             self._spawn(self._run_batch(key, batch, worker))
 
     async def _acquire(self, key: Key, q: BatchQueue | None,
-                       avoid: frozenset[str] = frozenset()) -> Worker | None:
+                       avoid: frozenset[str] = frozenset()) -> PooledWorker | None:
         """A READY worker with a free slot (its slot taken); None if q emptied meanwhile.
         Workers in `avoid` (those a batch failed on) are used only if no other holds it."""
         while True:
@@ -273,7 +273,7 @@ class Batcher:
         w.loading.discard(key)
         self.pool.notify()
 
-    async def _run_batch(self, key: Key, batch: Batch, worker: Worker) -> None:
+    async def _run_batch(self, key: Key, batch: Batch, worker: PooledWorker) -> None:
         model, version = key
         attempts = 0
         failed_on: set[str] = set()
@@ -314,7 +314,7 @@ class Batcher:
                 self._answer_all(batch, e)
                 return
 
-    def _finish(self, batch: Batch, worker: Worker, outcome) -> None:
+    def _finish(self, batch: Batch, worker: PooledWorker, outcome) -> None:
         key = (batch.model, batch.version)
         executed = outcome.executed_batch_size or batch.rows
         worker.profile(key).observe(executed, outcome.compute_ns / 1e9)
@@ -353,6 +353,8 @@ class Batcher:
         if r.future.done():
             return
         r.future.set_result(result)
+        if r.withdrawn:
+            return
         code = "OK" if result.error is None else result.error.code_name
         queued = result.queue_ns if result.error is None or result.batch_size else None
         total_ns = int((self.now() - r.enqueued_s) * 1e9)
@@ -423,7 +425,7 @@ class Batcher:
         self._unwanted.discard(key)
         await self._reload(key, holders)
 
-    async def _reload(self, key: Key, holders: list[Worker]) -> None:
+    async def _reload(self, key: Key, holders: list[PooledWorker]) -> None:
         """Each holder warms the new files, then swaps them in (its batches keep running
         meanwhile). Holders whose reload failed drop the version, so that every answer
         comes from the new files; FailedPrecondition when every holder failed (the
@@ -656,6 +658,7 @@ class Session:
         self._outbox: list[InferResult] = []
         self._ready = asyncio.Event()
         self._input_ended = False
+        self._received = 0  # messages read and not yet acknowledged (flow control)
 
     def submit(self, request_id: int, model: str, version: str, inputs: list[RawTensor],
                outputs: list[str], priority: int, timeout_us: int, traceparent: str = "") -> None:
@@ -676,9 +679,10 @@ class Session:
         """A request that could not even be read (bad tensor): answered at once."""
         self._post(InferResult(request_id, error))
 
-    def cancel(self, request_id: int) -> None:
+    def cancel(self, request_id: int, withdrawn: bool = False) -> None:
         request = self.pending.get(request_id)
         if request is not None:
+            request.withdrawn = withdrawn
             self.batcher.cancel(request)
 
     def _done(self, request_id: int, future: asyncio.Future) -> None:
@@ -690,16 +694,23 @@ class Session:
         self._outbox.append(result)
         self._ready.set()
 
-    async def drain(self) -> list[InferResult] | None:
-        """Every ready result (waits for at least one); None once the caller has
-        half-closed and every request is answered."""
-        while not self._outbox:
+    def received(self) -> None:
+        """One message of the caller was read: acknowledged with the next drain."""
+        self._received += 1
+        self._ready.set()
+
+    async def drain(self) -> tuple[list[InferResult], int] | None:
+        """Every ready result and the count of messages read since the last drain (waits
+        for at least one of either); None once the caller has half-closed and every
+        request is answered."""
+        while not self._outbox and not self._received:
             if self._input_ended and not self.pending:
                 return None
             self._ready.clear()
             await self._ready.wait()
         out, self._outbox = self._outbox, []
-        return out
+        received, self._received = self._received, 0
+        return out, received
 
     def end_input(self) -> None:
         """The caller sent its last message; answer what is pending, then end."""

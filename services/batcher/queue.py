@@ -28,17 +28,22 @@ def shape_key(request: Request) -> ShapeKey:
     return tuple([(t.datatype, t.shape[1:]) for t in request.inputs])
 
 
+_DEFAULTS = BatchingConfig()  # the one source of the batching defaults
+
+
 @dataclass(frozen=True, slots=True)
 class BatchPolicy:
+    """A model version's BatchingConfig as the batcher applies it (with its overrides)."""
+
     max_batch_size: int
-    max_queue_delay_us: int = 500
-    preferred_batch_sizes: tuple[int, ...] = ()
-    priority_levels: int = 1
-    default_priority_level: int = 1
-    default_timeout_us: int = 0
-    max_queue_size: int = 1024
-    adaptive: bool = False
-    target_latency_us: int = 50_000
+    max_queue_delay_us: int = _DEFAULTS.max_queue_delay_us
+    preferred_batch_sizes: tuple[int, ...] = _DEFAULTS.preferred_batch_sizes
+    priority_levels: int = _DEFAULTS.priority_levels
+    default_priority_level: int = _DEFAULTS.default_priority_level
+    default_timeout_us: int = _DEFAULTS.default_timeout_us
+    max_queue_size: int = _DEFAULTS.max_queue_size
+    adaptive: bool = _DEFAULTS.adaptive
+    target_latency_us: int = _DEFAULTS.target_latency_us
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 0:

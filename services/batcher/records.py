@@ -102,6 +102,7 @@ class Request:
     future: asyncio.Future = field(repr=False)
     seq: int = 0
     cancelled: bool = False
+    withdrawn: bool = False  # the caller needs it no more (not a failure)
     traceparent: str = ""  # W3C trace context of the request ("" if none)
 
     @property
@@ -124,7 +125,7 @@ class Batch:
 
 
 @dataclass(frozen=True, slots=True)
-class BatchOutcome:
+class BatchReply:
     """What a worker answered for one batch."""
 
     error: MeshError | None  # None: OK

@@ -15,7 +15,7 @@ from meshserve.batcher.core import Batcher, BatcherOptions
 from meshserve.batcher.servicer import BatcherServicer
 from meshserve.batcher.stats import Statistics
 from meshserve.batcher.workers import WorkerPool
-from meshserve.common import metrics, tracing
+from meshserve.common import hops, metrics, tracing
 from meshserve.common.control_store import BoardControlStore, RedisControlStore
 from meshserve.common.grpcutil import new_server, set_serving, wait_for_signal
 from meshserve.common.repository import ModelRepository
@@ -99,6 +99,7 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
     board = control.attach(server)  # meshserve.v1.ModelControlStore, idem
     store = RedisControlStore(settings.redis_url) if settings.redis_url \
         else BoardControlStore(board)
+    hops.register(registry, directory.hop_counts)
     runtime = Runtime(batcher, pool, directory, health, registry, store)
     await server.start()
     await set_serving(health, [SERVICE_NAME], False)

@@ -21,8 +21,10 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
         session = Session(self.batcher)
         reader = asyncio.ensure_future(_read(request_iterator, session))
         try:
-            while (results := await session.drain()) is not None:
-                yield batcher_pb2.InferResults(results=[convert.result_to_pb(r) for r in results])
+            while (drained := await session.drain()) is not None:
+                results, received = drained
+                yield batcher_pb2.InferResults(
+                    results=[convert.result_to_pb(r) for r in results], received=received)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -63,5 +65,8 @@ async def _read(request_iterator, session: Session) -> None:
                                r.priority, r.timeout_us, r.traceparent)
             for request_id in message.cancelled:
                 session.cancel(request_id)
+            for request_id in message.withdrawn:
+                session.cancel(request_id, withdrawn=True)
+            session.received()
     finally:
         session.end_input()

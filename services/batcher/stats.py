@@ -55,6 +55,14 @@ def outcome_of(code_name: str) -> str:
     return _OUTCOMES.get(code_name, "error")
 
 
+@dataclass(slots=True)
+class _Bound:
+    depth: object
+    batch_size: object
+    queue_wait: object
+    requests: dict[str, object]  # status code name -> requests_total child
+
+
 class Statistics:
     """Counts what the batcher did, per model version, and exports Prometheus metrics."""
 
@@ -76,6 +84,17 @@ class Statistics:
         self.requests = Counter(
             "meshserve_batcher_requests", "Requests answered, by outcome",
             ["model", "outcome"], registry=self.registry)
+        self._children: dict[tuple[str, str], _Bound] = {}
+
+    def _bound(self, model: str, version: str) -> _Bound:
+        """The metric children of a model version, looked up once (labels() per request
+        costs more than the update itself)."""
+        bound = self._children.get((model, version))
+        if bound is None:
+            bound = self._children[(model, version)] = _Bound(
+                self.queue_depth.labels(model, version), self.batch_size.labels(model),
+                self.queue_wait.labels(model), {})
+        return bound
 
     def _get(self, model: str, version: str) -> ModelStats:
         key = (model, version)
@@ -85,7 +104,7 @@ class Statistics:
         return stats
 
     def set_depth(self, model: str, version: str, depth: int) -> None:
-        self.queue_depth.labels(model, version).set(depth)
+        self._bound(model, version).depth.set(depth)
 
     def record_batch(self, model: str, version: str, rows: int, executed_batch_size: int,
                      compute_ns: int) -> None:
@@ -95,17 +114,22 @@ class Statistics:
         s.compute_infer.add(compute_ns)
         s.batch_stats.setdefault(executed_batch_size or rows, Duration()).add(compute_ns)
         s.last_inference_ms = int(time.time() * 1000)
-        self.batch_size.labels(model).observe(rows)
+        self._bound(model, version).batch_size.observe(rows)
 
     def record_request(self, model: str, version: str, code_name: str, total_ns: int,
                        queue_ns: int | None) -> None:
         """One answered request; code_name is "OK" or the error's status code name."""
         s = self._get(model, version)
         (s.success if code_name == "OK" else s.fail).add(total_ns)
+        bound = self._bound(model, version)
         if queue_ns is not None:
             s.queue.add(queue_ns)
-            self.queue_wait.labels(model).observe(queue_ns / 1e9)
-        self.requests.labels(model, outcome_of(code_name)).inc()
+            bound.queue_wait.observe(queue_ns / 1e9)
+        counter = bound.requests.get(code_name)
+        if counter is None:
+            counter = bound.requests[code_name] = self.requests.labels(
+                model, outcome_of(code_name))
+        counter.inc()
 
     def ensure(self, model: str, version: str) -> None:
         """Reports a known version even before it ran anything."""

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from meshserve.batcher.adaptive import LatencyProfile
-from meshserve.batcher.records import Batch, BatchOutcome
+from meshserve.batcher.records import Batch, BatchReply
 
 Key = tuple[str, str]  # (model, version)
 
 
-# A batch computing at least this long is heavy (see Worker.slots).
+# A batch computing at least this long is heavy (see PooledWorker.slots).
 HEAVY_BATCH_S = 0.002
 
 @dataclass(frozen=True, slots=True)
@@ -50,13 +50,13 @@ class WorkerReport:
 class WorkerLink(Protocol):
     address: str
 
-    async def execute(self, batch: Batch) -> BatchOutcome: ...
+    async def execute(self, batch: Batch) -> BatchReply: ...
     async def load(self, model: str, version: str, reload: bool = False) -> None: ...
     async def unload(self, model: str, version: str) -> None: ...
 
 
 @dataclass(eq=False, slots=True)
-class Worker:
+class PooledWorker:
     link: WorkerLink
     # Batches we keep in flight on it; 0: by device (see slots).
     max_in_flight: int
@@ -125,16 +125,16 @@ class WorkerPool:
     """Every worker the batcher talks to; notifies waiters on any change."""
 
     def __init__(self) -> None:
-        self.workers: dict[str, Worker] = {}
+        self.workers: dict[str, PooledWorker] = {}
         self._changed = asyncio.Event()
         # Called on every change (the batcher wakes its queues: a slot may have freed).
         self.listeners: list[Callable[[], None]] = []
 
-    def add(self, link: WorkerLink, max_in_flight: int) -> Worker:
-        w = self.workers[link.address] = Worker(link, max_in_flight)
+    def add(self, link: WorkerLink, max_in_flight: int) -> PooledWorker:
+        w = self.workers[link.address] = PooledWorker(link, max_in_flight)
         return w
 
-    def remove(self, address: str) -> Worker | None:
+    def remove(self, address: str) -> PooledWorker | None:
         w = self.workers.pop(address, None)
         if w is not None:
             w.connected = False
@@ -156,27 +156,27 @@ class WorkerPool:
         except TimeoutError:
             pass
 
-    def connected(self) -> list[Worker]:
+    def connected(self) -> list[PooledWorker]:
         return [w for w in self.workers.values() if w.connected]
 
-    def holders(self, key: Key) -> list[Worker]:
+    def holders(self, key: Key) -> list[PooledWorker]:
         return [w for w in self.workers.values() if w.ready(key)]
 
-    def loading(self, key: Key) -> list[Worker]:
+    def loading(self, key: Key) -> list[PooledWorker]:
         return [w for w in self.workers.values() if w.state_of(key) == "LOADING"]
 
     def idle(self, key: Key) -> bool:
         """A worker holding the model has nothing outstanding from us."""
         return any(w.outstanding == 0 for w in self.holders(key))
 
-    def pick(self, key: Key, exclude: frozenset[str] = frozenset()) -> Worker | None:
+    def pick(self, key: Key, exclude: frozenset[str] = frozenset()) -> PooledWorker | None:
         """The READY worker with a free slot and the least outstanding work."""
         free = [w for w in self.holders(key) if w.free_slots(key) > 0 and w.address not in exclude]
         if not free:
             return None
         return min(free, key=lambda w: (w.outstanding, w.address))
 
-    def pick_for_load(self, key: Key) -> Worker | None:
+    def pick_for_load(self, key: Key) -> PooledWorker | None:
         """The connected worker with the most free memory, then the fewest models."""
         candidates = [w for w in self.connected()
                       if not w.draining and w.state_of(key) is None]
@@ -184,10 +184,10 @@ class WorkerPool:
             return None
         return max(candidates, key=lambda w: (w.free_memory_bytes(), -w.model_count(), w.address))
 
-    def acquire(self, w: Worker) -> None:
+    def acquire(self, w: PooledWorker) -> None:
         w.outstanding += 1
 
-    def release(self, w: Worker) -> None:
+    def release(self, w: PooledWorker) -> None:
         w.outstanding = max(w.outstanding - 1, 0)
         self.notify()
 

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from meshserve.cache.codec import decode_record, encode_record
+from meshserve.common.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +224,7 @@ class RedisBackend:
             raise ValueError("timeout_s and pool_size must be positive")
         self.prefix = key_prefix
         self.timeout_s = timeout_s
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
+        self._backoff = Backoff(backoff_initial_s, backoff_max_s)
         self._pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=pool_size, timeout=timeout_s,
             socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
@@ -273,14 +273,13 @@ class RedisBackend:
         self._reconnect_task = asyncio.create_task(self._reconnect())
 
     async def _reconnect(self) -> None:
-        backoff_s = self.backoff_initial_s
+        self._backoff.reset()
         while True:
-            await asyncio.sleep(backoff_s)
+            await self._backoff.wait()
             if await self.ping():
                 self._up = True
                 log.info("redis is back")
                 return
-            backoff_s = min(backoff_s * 2, self.backoff_max_s)
 
     async def ping(self) -> bool:
         try:

@@ -23,8 +23,10 @@ import grpc
 
 from meshserve.cache.keys import DIGEST_BYTES
 from meshserve.common import tracing
+from meshserve.common.backoff import Backoff
 from meshserve.common.errors import Unavailable
 from meshserve.common.grpcutil import channel, error_from_rpc, split_targets
+from meshserve.common.hops import HopCount
 from meshserve.common.transport import Transport
 from meshserve.pb.meshserve.v1 import cache_pb2, cache_pb2_grpc
 
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 
 MAX_KEYS_PER_MESSAGE = 4096
 MAX_PENDING_STORE_ENTRIES = 16384
+# Messages of one stream sent and not yet answered before the next waits: what arrives
+# meanwhile goes out together in that next message (flow control).
+MAX_UNANSWERED_MESSAGES = 1
 MISS = cache_pb2.LookupResult(hit=False, generation=0)
 
 
@@ -53,39 +58,47 @@ def _valid(key: cache_pb2.CacheKey) -> bool:
 
 class _Link:
     """One long-lived bidi stream, reopened with backoff. Items submitted while it is up
-    are coalesced into one message whenever the writer is free."""
+    are coalesced into one message whenever the writer is free: each message is answered,
+    and the next waits while MAX_UNANSWERED_MESSAGES are unanswered."""
 
     def __init__(self, name: str, open_call: Callable[[], grpc.aio.StreamStreamCall],
                  send: Callable[[list, int], object], receive: Callable[[object], None],
-                 lost: Callable[[list], None], size: Callable[[object], int]):
+                 lost: Callable[[list], None], size: Callable[[object], int],
+                 sent: HopCount, answered: HopCount, answer_size: Callable[[object], int]):
         self.name = name
+        self.sent, self.answered = sent, answered  # keys or entries out; answers back
+        self._answer_size = answer_size
         self._open_call = open_call
         self._send = send  # (items, id) -> request message; registers what is in flight
         self._receive = receive
         self._lost = lost  # items that will never be answered
         self._size = size
         self._pending: list = []
+        self._pending_size = 0  # keys or entries in _pending
         self._wakeup = asyncio.Event()
         self._ids = itertools.count(1)
+        self._unanswered = 0
         self.up = False
-        self.backoff_initial_s = 0.05
-        self.backoff_max_s = 2.0
+        self.state_changed: Callable[[], None] = lambda: None  # up went True or False
+        self.backoff = Backoff(0.05, 2.0)  # between reopenings; reset once one is answered
 
     def submit(self, item) -> bool:
         if not self.up:
             return False
         self._pending.append(item)
+        self._pending_size += self._size(item)
         self._wakeup.set()
         return True
 
     def pending_size(self) -> int:
-        return sum(self._size(i) for i in self._pending)
+        return self._pending_size
 
     async def run(self) -> None:
-        backoff_s = self.backoff_initial_s
         while True:
             call = self._open_call()
+            self._unanswered = 0
             self.up = True
+            self.state_changed()
             writer = asyncio.create_task(self._write(call))
             reader = asyncio.create_task(self._read(call))
             try:
@@ -94,30 +107,37 @@ class _Link:
                 answered = reader in done and not reader.exception() and reader.result()
             finally:
                 self.up = False
+                self.state_changed()
                 writer.cancel()
                 reader.cancel()
                 call.cancel()
-                pending, self._pending = self._pending, []
+                pending, self._pending, self._pending_size = self._pending, [], 0
                 self._lost(pending)
             if answered:
-                backoff_s = self.backoff_initial_s
-            log.info("cache %s stream lost; reopening in %.2fs", self.name, backoff_s)
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, self.backoff_max_s)
+                self.backoff.reset()
+            log.info("cache %s stream lost; reopening in %.2fs", self.name, self.backoff.delay_s)
+            await self.backoff.wait()
 
     async def _write(self, call) -> None:
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
+            while not self._pending or self._unanswered >= MAX_UNANSWERED_MESSAGES:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self._pending_size <= MAX_KEYS_PER_MESSAGE:
+                batch, total, self._pending, self._pending_size = (
+                    self._pending, self._pending_size, [], 0)
+            else:
                 batch, total = [], 0
                 while self._pending and (not batch or total < MAX_KEYS_PER_MESSAGE):
                     item = self._pending.pop(0)
                     batch.append(item)
                     total += self._size(item)
-                # _send registers the batch as in flight: if the write fails, run() reports
-                # it lost with the rest.
-                await call.write(self._send(batch, next(self._ids)))
+                self._pending_size -= total
+            self._unanswered += 1
+            self.sent.add(total)
+            # _send registers the batch as in flight: if the write fails, run() reports
+            # it lost with the rest.
+            await call.write(self._send(batch, next(self._ids)))
 
     async def _read(self, call) -> bool:
         """Returns whether anything was answered before the stream ended."""
@@ -125,7 +145,10 @@ class _Link:
         try:
             async for response in call:
                 answered = True
-                self._receive(response)
+                if self._receive(response):  # an answer (not a message of the service's own)
+                    self.answered.add(self._answer_size(response))
+                    self._unanswered = max(0, self._unanswered - 1)
+                    self._wakeup.set()
         except grpc.aio.AioRpcError as exc:
             log.debug("cache %s stream ended: %s", self.name, exc.code())
         return answered
@@ -134,20 +157,27 @@ class _Link:
 class _Shard:
     """The streams to one cache address: one LookupStream and one StoreStream."""
 
-    def __init__(self, target: str, counters: ClientCounters, transport: Transport | None = None):
+    def __init__(self, target: str, counters: ClientCounters, hops: dict[str, HopCount],
+                 transport: Transport | None = None):
         self.target = target
         self.counters = counters
         self.channel = channel(target, transport)
         self.stub = cache_pb2_grpc.CacheStub(self.channel)
         # id -> [(future, number of keys)] in message order
         self._lookups_in_flight: dict[int, list[tuple[asyncio.Future, int]]] = {}
+        # (model, version or "") for each invalidation the service announces
+        self.invalidated: Callable[[str, str], None] = lambda model, version: None
         self._stores_in_flight: dict[int, int] = {}
         self.lookup_link = _Link(
             "lookup", lambda: self.stub.LookupStream(), self._lookup_message,
-            self._lookup_answered, self._lookups_lost, size=lambda item: len(item[0]))
+            self._lookup_answered, self._lookups_lost, size=lambda item: len(item[0]),
+            sent=hops["gateway->cache lookup"], answered=hops["cache->gateway lookup"],
+            answer_size=lambda response: len(response.results))
         self.store_link = _Link(
             "store", lambda: self.stub.StoreStream(), self._store_message,
-            self._store_answered, self._stores_lost, size=len)
+            self._store_answered, self._stores_lost, size=len,
+            sent=hops["gateway->cache store"], answered=hops["cache->gateway store"],
+            answer_size=lambda response: 1)
 
     def _lookup_message(self, batch: list, message_id: int) -> cache_pb2.LookupRequest:
         self._lookups_in_flight[message_id] = [(future, len(keys)) for keys, future, _ in batch]
@@ -160,10 +190,14 @@ class _Shard:
                 request.traceparents.extend([traceparent] * len(keys))
         return request
 
-    def _lookup_answered(self, response: cache_pb2.LookupResponse) -> None:
+    def _lookup_answered(self, response: cache_pb2.LookupResponse) -> bool:
+        for notice in response.invalidated:
+            self.invalidated(notice.model, notice.version)
+        if not response.id:
+            return False
         waiting = self._lookups_in_flight.pop(response.id, None)
         if waiting is None:
-            return
+            return True
         results = list(response.results)
         if len(results) != sum(n for _, n in waiting):
             log.warning("cache answered %d results for %d keys; ignoring", len(results),
@@ -178,6 +212,7 @@ class _Shard:
                     future.set_exception(Unavailable("bad cache answer"))
                     future.exception()
             offset += n
+        return True
 
     def _lookups_lost(self, batch: list) -> None:
         waiting = [future for _, future, _ in batch]
@@ -197,11 +232,12 @@ class _Shard:
         self.counters.store_entries_sent += len(request.entries)
         return request
 
-    def _store_answered(self, response: cache_pb2.StoreResponse) -> None:
+    def _store_answered(self, response: cache_pb2.StoreResponse) -> bool:
         self._stores_in_flight.pop(response.id, None)
         self.counters.stored += response.stored
         self.counters.skipped += response.skipped
         self.counters.store_entries_dropped += response.dropped
+        return True
 
     def _stores_lost(self, batch: list) -> None:
         lost = sum(len(entries) for entries in batch) + sum(self._stores_in_flight.values())
@@ -228,11 +264,23 @@ class CacheClient:
         self.admin_timeout_s = admin_timeout_s
         self.transport = transport
         self.counters = ClientCounters()
+        self.hops = {hop: HopCount() for hop in (
+            "gateway->cache lookup", "cache->gateway lookup", "gateway->cache store",
+            "cache->gateway store")}
         self._shards: list[_Shard] = []
         self._tasks: list[asyncio.Task] = []
+        # What an in-process L1 in front of this client needs to stay exact: every
+        # invalidation the services announce, and whether every lookup stream is up (while
+        # one is down, announcements can be missed).
+        self.on_invalidated: Callable[[str, str], None] = lambda model, version: None
+        self.on_availability: Callable[[bool], None] = lambda up: None
 
     async def start(self) -> None:
-        self._shards = [_Shard(t, self.counters, self.transport) for t in self.targets]
+        self._shards = [_Shard(t, self.counters, self.hops, self.transport)
+                        for t in self.targets]
+        for shard in self._shards:
+            shard.invalidated = lambda model, version: self.on_invalidated(model, version)
+            shard.lookup_link.state_changed = self._availability_changed
         self._tasks = [asyncio.create_task(link.run()) for shard in self._shards
                        for link in (shard.lookup_link, shard.store_link)]
         await asyncio.sleep(0)  # let the streams open
@@ -242,6 +290,7 @@ class CacheClient:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        self.on_availability(False)
         for shard in self._shards:
             await shard.channel.close()
         self._shards = []
@@ -250,6 +299,16 @@ class CacheClient:
         if not self._shards:
             return None
         return self._shards[int.from_bytes(key.digest[:8], "big") % len(self._shards)]
+
+    def hop_counts(self) -> list[tuple[str, HopCount]]:
+        return list(self.hops.items())
+
+    def available(self) -> bool:
+        """Every lookup stream is up."""
+        return bool(self._shards) and all(s.lookup_link.up for s in self._shards)
+
+    def _availability_changed(self) -> None:
+        self.on_availability(self.available())
 
     # lookups
     async def lookup(self, keys: Sequence[cache_pb2.CacheKey]) -> list[cache_pb2.LookupResult]:
@@ -272,6 +331,31 @@ class CacheClient:
             for i, result in zip(positions, answered, strict=True):
                 results[i] = result
         return results
+
+    async def lookup_one(self, key: cache_pb2.CacheKey) -> cache_pb2.LookupResult:
+        """lookup([key])[0] at the cost of one future (the gateway's path). Never raises
+        (except on cancellation)."""
+        self.counters.lookups += 1
+        shard = self._shard(key) if _valid(key) else None
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        # The caller's trace context (tracing.current) goes with its key.
+        if shard is None or not shard.lookup_link.submit(
+                ([key], future, tracing.current_traceparent())):
+            self.counters.failed_keys += 1
+            return MISS
+        timer = loop.call_later(self.timeout_s, _time_out, future)
+        try:
+            [result] = await future
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a timeout or a lost stream is a miss
+            self.counters.failed_keys += 1
+            return MISS
+        finally:
+            timer.cancel()
+        self.counters.hits += result.hit
+        return result
 
     async def _lookup_on(self, shard: _Shard | None, keys: list[cache_pb2.CacheKey]
                          ) -> list[cache_pb2.LookupResult]:
@@ -307,6 +391,16 @@ class CacheClient:
                     or not link.submit(group)):
                 self.counters.store_entries_dropped += len(group)
 
+    def store_one(self, entry: cache_pb2.StoreEntry) -> None:
+        """store([entry]) without the grouping (the gateway's path)."""
+        if not _valid(entry.key):
+            return
+        shard = self._shard(entry.key)
+        link = shard.store_link if shard is not None else None
+        if (link is None or link.pending_size() >= MAX_PENDING_STORE_ENTRIES
+                or not link.submit([entry])):
+            self.counters.store_entries_dropped += 1
+
     # admin (unary)
     async def invalidate(self, model: str, version: str | None = None) -> int:
         """Entries removed (over every address). Raises Unavailable (or InvalidInput) when
@@ -330,3 +424,9 @@ class CacheClient:
             return await method(request, timeout=self.admin_timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, f"cache at {shard.target}") from None
+
+
+def _time_out(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+        future.exception()  # retrieved: the caller may be gone

@@ -8,6 +8,7 @@ equal requests give equal digests and different ones never collide by a split.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Mapping, Sequence
@@ -38,28 +39,38 @@ def request_digest(
     (-0.0 becomes 0.0, every NaN the same NaN) before hashing."""
     if hash_precision is not None and hash_precision < 0:
         raise InvalidInput(f"hash_precision must be >= 0, got {hash_precision}")
-    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
-    _field(h, _DOMAIN)
-    _field(h, model.encode())
-    _field(h, version.encode())
-    ordered = sorted(inputs, key=lambda spec: spec[0])
-    h.update(struct.pack("<Q", len(ordered)))
+    h = _prefix(model, version).copy()
+    ordered = sorted(inputs, key=lambda spec: spec[0]) if len(inputs) > 1 else inputs
+    h.update(_pack_q(len(ordered)))
     for name, datatype, shape, data in ordered:
         _field(h, name.encode())
         _field(h, datatype.encode())
         dims = [int(d) for d in shape]
         _field(h, struct.pack(f"<{len(dims)}q", *dims))
         _field(h, _input_bytes(datatype, data, hash_precision))
-    named = sorted(outputs, key=lambda spec: spec[0])
-    h.update(struct.pack("<Q", len(named)))
+    named = sorted(outputs, key=lambda spec: spec[0]) if len(outputs) > 1 else outputs
+    h.update(_pack_q(len(named)))
     for name, parameters in named:
         _field(h, name.encode())
-        _field(h, _encode_value(dict(parameters or {})))
+        _field(h, _encode_value(dict(parameters)) if parameters else _NO_PARAMETERS)
     return h.digest()
 
 
+@functools.lru_cache(maxsize=1024)
+def _prefix(model: str, version: str):
+    """The hash state after the domain, model and version (copied per request)."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    _field(h, _DOMAIN)
+    _field(h, model.encode())
+    _field(h, version.encode())
+    return h
+
+
+_pack_q = struct.Struct("<Q").pack
+
+
 def _field(h, data: bytes) -> None:
-    h.update(struct.pack("<Q", len(data)))
+    h.update(_pack_q(len(data)))
     h.update(data)
 
 
@@ -111,3 +122,6 @@ def _encode_value(value: object) -> bytes:
             parts += [struct.pack("<Q", len(part)), part]
         return b"".join(parts)
     raise InvalidInput(f"unsupported output parameter type {type(value).__name__}")
+
+
+_NO_PARAMETERS = _encode_value({})

@@ -45,6 +45,8 @@ def trace_lookups(request: cache_pb2.LookupRequest, results, start_ns: int) -> N
 class CacheServicer(cache_pb2_grpc.CacheServicer):
     def __init__(self, cache: PredictionCache):
         self.cache = cache
+        # One per open LookupStream: queues a message for it (invalidation notices).
+        self._lookup_streams: set[Callable[[cache_pb2.LookupResponse], None]] = set()
 
     async def _lookup(self, request: cache_pb2.LookupRequest) -> cache_pb2.LookupResponse:
         start_ns = time.time_ns()
@@ -71,7 +73,8 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
 
     @grpc_errors
     async def LookupStream(self, request_iterator, context):
-        async for response in handle_concurrently(request_iterator, self._lookup):
+        async for response in handle_concurrently(request_iterator, self._lookup,
+                                                  self._lookup_streams):
             yield response
 
     @grpc_errors
@@ -82,6 +85,10 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
     @grpc_errors
     async def Invalidate(self, request, context):
         removed = await self.cache.invalidate(request.model, request.version or None)
+        notice = cache_pb2.LookupResponse(invalidated=[
+            cache_pb2.Invalidated(model=request.model, version=request.version)])
+        for post in list(self._lookup_streams):
+            post(notice)
         return cache_pb2.InvalidateResponse(removed=removed)
 
     @grpc_errors
@@ -94,13 +101,22 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
 
 async def handle_concurrently(
     requests: AsyncIterator[Req], handle: Callable[[Req], Awaitable[Resp]],
+    posters: set[Callable[[Resp], None]] | None = None,
 ) -> AsyncIterator[Resp]:
     """Answers each message of a stream as soon as its own handler is done, so one slow
     backend call never holds back the others. A handler's error ends the stream (the
-    contract has no per-message status; our client validates keys before sending)."""
-    done: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
+    contract has no per-message status; our client validates keys before sending).
+    posters: while the stream is open it holds a function that sends a message of the
+    service's own on it."""
+    done: asyncio.Queue[asyncio.Future | None] = asyncio.Queue()
     slots = asyncio.Semaphore(MAX_IN_FLIGHT_PER_STREAM)
-    running: set[asyncio.Task] = set()
+    running: set[asyncio.Future] = set()
+    loop = asyncio.get_running_loop()
+
+    def post(message: Resp) -> None:
+        ready = loop.create_future()
+        ready.set_result(message)
+        done.put_nowait(ready)
 
     def finished(task: asyncio.Task) -> None:
         slots.release()
@@ -118,6 +134,8 @@ async def handle_concurrently(
 
     reader = asyncio.create_task(read())
     reading = True
+    if posters is not None:
+        posters.add(post)
     try:
         while reading or running:
             item = await done.get()
@@ -132,6 +150,8 @@ async def handle_concurrently(
             running.discard(item)
             yield item.result()
     finally:
+        if posters is not None:
+            posters.discard(post)
         reader.cancel()
         for task in running:
             task.cancel()

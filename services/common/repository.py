@@ -303,19 +303,23 @@ def parse_config(data: Any, where: str, expected_name: str | None = None) -> Mod
         for p in preferred:
             if p > max(max_batch, 1):
                 b.fail("preferred_batch_sizes", f"{p} exceeds max_batch_size {max_batch}")
-        levels = b.int("priority_levels", 1, minimum=1)
-        default_level = b.int("default_priority_level", 1, minimum=1)
+        levels = b.int("priority_levels", batch_cfg.priority_levels, minimum=1)
+        default_level = b.int("default_priority_level", batch_cfg.default_priority_level,
+                              minimum=1)
         if default_level > levels:
             b.fail("default_priority_level", f"{default_level} exceeds priority_levels {levels}")
         batch_cfg = BatchingConfig(
             preferred_batch_sizes=tuple(sorted(set(preferred))),
-            max_queue_delay_us=b.int("max_queue_delay_us", 500, minimum=0),
+            max_queue_delay_us=b.int("max_queue_delay_us", batch_cfg.max_queue_delay_us,
+                                     minimum=0),
             priority_levels=levels,
             default_priority_level=default_level,
-            default_timeout_us=b.int("default_timeout_us", 0, minimum=0),
-            max_queue_size=b.int("max_queue_size", 1024, minimum=1),
-            adaptive=b.get("adaptive", bool, False),
-            target_latency_us=b.int("target_latency_us", 50_000, minimum=1),
+            default_timeout_us=b.int("default_timeout_us", batch_cfg.default_timeout_us,
+                                     minimum=0),
+            max_queue_size=b.int("max_queue_size", batch_cfg.max_queue_size, minimum=1),
+            adaptive=b.get("adaptive", bool, batch_cfg.adaptive),
+            target_latency_us=b.int("target_latency_us", batch_cfg.target_latency_us,
+                                    minimum=1),
         )
 
     c = f.sub("cache")
@@ -326,8 +330,8 @@ def parse_config(data: Any, where: str, expected_name: str | None = None) -> Mod
         if precision is not None and not 0 <= precision <= 15:
             c.fail("hash_precision", f"must be between 0 and 15 decimals, got {precision}")
         cache_cfg = CacheConfig(
-            enabled=c.get("enabled", bool, True),
-            ttl_s=c.int("ttl_s", 300, minimum=1),
+            enabled=c.get("enabled", bool, cache_cfg.enabled),
+            ttl_s=c.int("ttl_s", cache_cfg.ttl_s, minimum=1),
             hash_precision=precision,
         )
 
@@ -339,7 +343,8 @@ def parse_config(data: Any, where: str, expected_name: str | None = None) -> Mod
         for s in extra:
             if s > max(max_batch, 1):
                 w.fail("batch_sizes", f"{s} exceeds max_batch_size {max_batch}")
-        warm_cfg = WarmupConfig(enabled=w.get("enabled", bool, True), batch_sizes=extra)
+        warm_cfg = WarmupConfig(enabled=w.get("enabled", bool, warm_cfg.enabled),
+                                batch_sizes=extra)
 
     classifier = None
     k = f.sub("classifier")
@@ -441,11 +446,12 @@ def _compile(c: _Fields | None, fmt: str) -> CompileConfig | None:
         c.fail("", f"torch.compile needs an eager module ({' or '.join(_COMPILABLE)} format), "
                f"not {fmt}" + (": export the model with torch.export instead"
                                if fmt == "torchscript" else ": it is compiled already"))
-    mode = c.get("mode", str, "default")
+    defaults = CompileConfig()
+    mode = c.get("mode", str, defaults.mode)
     if mode not in COMPILE_MODES:
         c.fail("mode", f"{mode!r} is not one of {', '.join(COMPILE_MODES)}")
-    return CompileConfig(mode=mode, dynamic=c.get("dynamic", bool, False),
-                         fallback=c.get("fallback", bool, False))
+    return CompileConfig(mode=mode, dynamic=c.get("dynamic", bool, defaults.dynamic),
+                         fallback=c.get("fallback", bool, defaults.fallback))
 
 
 def _routing(r: _Fields | None) -> RoutingConfig | None:

@@ -7,8 +7,12 @@ from dataclasses import dataclass
 
 from meshserve.common import transport
 from meshserve.common.errors import ConfigError
+from meshserve.common.grpcutil import MiB
 from meshserve.common.settings import Flags, parse_bool
 from meshserve.common.transport import Transport
+from meshserve.tasks.records import QueueSettings
+
+_TASKS = QueueSettings()  # the async task defaults, as the standalone runner's
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +29,8 @@ class Settings:
     # Empty: no cache service (every request computes).
     cache: str = ""
     cache_timeout_ms: int = 50
+    # The in-process L1 in front of the cache service (0: none).
+    l1_cache_mb: int = 64
     max_message_mb: int = 64
     # Per client connection: streams at once, idle and age limits (0: none).
     max_concurrent_streams: int = 1024
@@ -40,14 +46,18 @@ class Settings:
     # Redis URL, else an in-process queue (not durable).
     redis_url: str = ""
     async_runners: int = 1  # runner coroutines in this gateway (0: submit and read only)
-    async_max_queue: int = 100_000
-    async_result_ttl_s: float = 3600.0
-    async_task_ttl_s: float = 3600.0
-    async_claim_idle_s: float = 30.0
+    async_max_queue: int = _TASKS.max_queue
+    async_result_ttl_s: float = _TASKS.result_ttl_s
+    async_task_ttl_s: float = _TASKS.task_ttl_s
+    async_claim_idle_s: float = _TASKS.claim_idle_s
+    # As `meshserve async-runner`'s --max-deliveries and --key-prefix: a runner beside the
+    # gateways must read the stream the gateways write.
+    async_max_deliveries: int = _TASKS.max_deliveries
+    async_key_prefix: str = _TASKS.key_prefix
     # The in-process task store (no Redis): tasks, MiB and tasks per API key held at most.
-    async_max_stored: int = 200_000
-    async_max_stored_mb: int = 512
-    async_max_tasks_per_key: int = 10_000
+    async_max_stored: int = _TASKS.max_stored
+    async_max_stored_mb: int = _TASKS.max_stored_bytes // MiB
+    async_max_tasks_per_key: int = _TASKS.max_per_key
     # Protection (gateway/protection.py): API keys (empty: auth off), per-model token
     # buckets "MODEL=RATE[:BURST],...", and load shedding past this many inferences at once.
     api_keys_file: str = ""
@@ -68,6 +78,8 @@ class Settings:
             raise ConfigError(f"--http-port: {self.http_port} is not a port (-1: off)")
         if self.max_message_mb < 1:
             raise ConfigError(f"--max-message-mb: must be >= 1, got {self.max_message_mb}")
+        if self.l1_cache_mb < 0:
+            raise ConfigError(f"--l1-cache-mb: must be >= 0, got {self.l1_cache_mb}")
         if self.cache_timeout_ms < 1:
             raise ConfigError(f"--cache-timeout-ms: must be >= 1, got {self.cache_timeout_ms}")
         if not (self.api_keys_file or self.insecure or is_loopback(self.host)):
@@ -101,13 +113,12 @@ class Settings:
 
         return parse_model_limits(self.model_rate_limits)
 
-    def queue_settings(self):
-        from meshserve.tasks.records import QueueSettings
-
+    def queue_settings(self) -> QueueSettings:
         return QueueSettings(self.async_max_queue, self.async_task_ttl_s,
                              self.async_result_ttl_s, self.async_claim_idle_s,
+                             self.async_max_deliveries, self.async_key_prefix,
                              max_stored=self.async_max_stored,
-                             max_stored_bytes=self.async_max_stored_mb * 1024 * 1024,
+                             max_stored_bytes=self.async_max_stored_mb * MiB,
                              max_per_key=self.async_max_tasks_per_key)
 
 
@@ -140,6 +151,8 @@ def from_args(argv: list[str] | None = None) -> Settings:
           "cache service: host:port, a comma list (sharded by key) or dns:///name:port; "
           "empty: no cache")
     f.add("--cache-timeout-ms", int, d.cache_timeout_ms, "cache lookup budget per request")
+    f.add("--l1-cache-mb", int, d.l1_cache_mb,
+          "in-process cache of hot results in front of the cache service (0: off)")
     f.add("--max-message-mb", int, d.max_message_mb, "largest request or response message")
     f.add("--max-concurrent-streams", int, d.max_concurrent_streams,
           "calls open at once on one client connection (HTTP/2 streams)")
@@ -165,6 +178,10 @@ def from_args(argv: list[str] | None = None) -> Settings:
           "an async task not started within this is EXPIRED")
     f.add("--async-claim-idle-s", float, d.async_claim_idle_s,
           "claim an async task whose runner has been silent this long")
+    f.add("--async-max-deliveries", int, d.async_max_deliveries,
+          "deliveries of an async task before it is dead-lettered (FAILED); as the runners'")
+    f.add("--async-key-prefix", str, d.async_key_prefix,
+          "prefix of every async task key in Redis; as the runners' --key-prefix")
     f.add("--async-max-stored", int, d.async_max_stored,
           "in-process task store (no --redis-url): tasks held at most, finished ones too")
     f.add("--async-max-stored-mb", int, d.async_max_stored_mb,

@@ -30,12 +30,21 @@ from meshserve.common.validation import (
     resolve_outputs,
     validate_inputs,
 )
+from meshserve.gateway.l1 import L1Cache
 from meshserve.gateway.routing import LoadTracker
 from meshserve.pb.meshserve.v1 import batcher_pb2, cache_pb2, tensor_pb2
 
 log = logging.getLogger(__name__)
 
 CATALOG_TTL_S = 5.0
+# Input signatures whose validation is remembered (clients choose shapes: bounded).
+MAX_VALIDATED_SIGNATURES = 4096
+# A miss is sent to the batcher while the cache service answers (the hit withdraws it)
+# while fewer than this share of the service's recent answers are hits.
+SPECULATE_BELOW_HIT_RATE = 0.5
+HIT_RATE_ALPHA = 0.05
+# How long the L1 keeps an entry of a model whose cache config sets no TTL.
+L1_DEFAULT_TTL_S = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +85,25 @@ class CacheCounts:
     hit_ns: int = 0
     miss_requests: int = 0
     miss_ns: int = 0
+
+    hit_rate: float = 0.0  # of the cache service's answers, recent (EWMA)
+
+    def hit(self, rows: int, ns: int) -> None:
+        self.hit_requests += 1
+        self.hit_rows += rows
+        self.hit_ns += ns
+
+    def observe_lookup(self, hit: bool) -> None:
+        self.hit_rate += HIT_RATE_ALPHA * (hit - self.hit_rate)
+
+
+def _cached(value: bytes, output_names: list[str], version: str, model: str
+            ) -> InferOutcome | None:
+    """The outcome a cached entry answers, None when it lacks a requested output."""
+    cached = {t.name: t for t in cache_pb2.CachedOutputs.FromString(value).outputs}
+    if not all(name in cached for name in output_names):
+        return None
+    return InferOutcome(version, [cached[n] for n in output_names], cache_hit=True, model=model)
 
 
 class Catalog:
@@ -179,19 +207,26 @@ class Catalog:
 
 class Gateway:
     def __init__(self, repository: ModelRepository, batcher, cache=None,
-                 cache_timeout_s: float = 0.05, control=None):
+                 cache_timeout_s: float = 0.05, control=None, l1: L1Cache | None = None):
         """control: where the cluster's model control lives (common.control_store; None:
-        this gateway's memory only)."""
+        this gateway's memory only). l1: an in-process cache in front of `cache`."""
         self.repository = repository
         self.control = control
         self.controls: dict[str, Control] = {}  # the cluster's, as last seen
         self.catalog = Catalog(repository)
         self.batcher = batcher
         self.cache = cache
+        # In front of the cache: told of every invalidation, unused while it could miss one.
+        self.l1 = l1 if cache is not None else None
+        if self.l1 is not None:
+            cache.on_invalidated = self.l1.invalidate
+            cache.on_availability = self.l1.set_usable
+            self.l1.set_usable(cache.available())
         self.cache_timeout_s = cache_timeout_s
         self.cache_counts: dict[tuple[str, str], CacheCounts] = defaultdict(CacheCounts)
         self.loads = LoadTracker()  # EWMA queue/latency per version, from batcher results
         self.router = None  # a gateway.traffic.Router once routing is attached
+        self._validated: dict[tuple, tuple[ModelConfig, int]] = {}
 
     # ------------------------------------------------------------------ inference
 
@@ -211,7 +246,7 @@ class Gateway:
         """Everything a call can be refused for before it runs: (config, resolved version,
         rows, output names). NotFound for an unknown model or version, else InvalidInput."""
         config, version = self.catalog.resolve(call.model, call.version)
-        rows = validate_inputs(config, call.inputs)
+        rows = self._validate(config, call.inputs)
         output_names = resolve_outputs(config, call.outputs)
         if call.priority < 0 or call.priority > config.batching.priority_levels:
             raise InvalidInput(
@@ -220,6 +255,20 @@ class Gateway:
             )
         return config, version, rows, output_names
 
+    def _validate(self, config: ModelConfig, inputs) -> int:
+        """validate_inputs, remembered per config and input signature (names, datatypes,
+        shapes, byte sizes: all it reads), so a model's usual request is checked once."""
+        signature = (id(config),
+                     *((t.name, t.datatype, tuple(t.shape), len(t.data)) for t in inputs))
+        known = self._validated.get(signature)
+        if known is not None and known[0] is config:  # the config it was checked against
+            return known[1]
+        rows = validate_inputs(config, inputs)
+        if len(self._validated) >= MAX_VALIDATED_SIGNATURES:
+            self._validated.clear()
+        self._validated[signature] = (config, rows)
+        return rows
+
     async def infer_direct(self, call: InferCall) -> InferOutcome:
         config, version, rows, output_names = self.check(call)
         if call.timeout_s is not None and call.timeout_s <= 0:
@@ -227,6 +276,10 @@ class Gateway:
 
         cache_key = None
         generation = 0
+        l1, epoch = self.l1, None
+        inputs = [tensor_pb2.Tensor(name=t.name, datatype=t.datatype, shape=t.shape, data=t.data)
+                  for t in call.inputs]
+        sent = None  # the batcher request sent while the cache answers
         if self.cache is not None and config.cache.enabled and call.use_cache:
             started = time.perf_counter_ns()
             out_params = {o.name: dict(o.parameters) for o in call.outputs}
@@ -236,29 +289,50 @@ class Gateway:
                 [(name, out_params.get(name, {})) for name in output_names],
                 config.cache.hash_precision,
             )
-            cache_key = cache_pb2.CacheKey(model=config.name, version=version, digest=digest)
-            [result] = await self.cache.lookup([cache_key])
-            elapsed = time.perf_counter_ns() - started
             counts = self.cache_counts[(config.name, version)]
+            if l1 is not None:
+                value = l1.get(digest)
+                if value is not None:
+                    outcome = _cached(value, output_names, version, config.name)
+                    if outcome is not None:
+                        counts.hit(rows, time.perf_counter_ns() - started)
+                        return outcome
+                epoch = l1.epoch(config.name)
+            cache_key = cache_pb2.CacheKey(model=config.name, version=version, digest=digest)
+            # While the service's answers are mostly misses, the request goes to the batcher
+            # at once instead of after the answer (one hop less of latency); a hit then
+            # withdraws it.
+            if counts.hit_rate < SPECULATE_BELOW_HIT_RATE:
+                sent = self.batcher.send(config.name, version, inputs, output_names,
+                                         call.priority, call.timeout_s)
+            try:
+                result = await self.cache.lookup_one(cache_key)
+            except BaseException:
+                if sent is not None:
+                    self.batcher.cancel(sent)
+                raise
+            elapsed = time.perf_counter_ns() - started
             generation = result.generation
+            counts.observe_lookup(result.hit)
             if result.hit:
                 # Entries are shared by requests naming the same outputs in any order.
-                cached = {t.name: t for t in cache_pb2.CachedOutputs.FromString(result.value).outputs}
-                if all(name in cached for name in output_names):
-                    counts.hit_requests += 1
-                    counts.hit_rows += rows
-                    counts.hit_ns += elapsed
-                    return InferOutcome(version, [cached[n] for n in output_names], cache_hit=True,
-                                        model=config.name)
+                outcome = _cached(result.value, output_names, version, config.name)
+                if outcome is not None:
+                    if sent is not None:
+                        self.batcher.cancel(sent)
+                    counts.hit(rows, elapsed)
+                    if epoch is not None and generation:
+                        l1.put(digest, config.name, version, result.value,
+                               config.cache.ttl_s or L1_DEFAULT_TTL_S, epoch)
+                    return outcome
             counts.miss_requests += 1
             counts.miss_ns += elapsed
 
-        result = await self.batcher.infer(
-            config.name, version,
-            [tensor_pb2.Tensor(name=t.name, datatype=t.datatype, shape=t.shape, data=t.data)
-             for t in call.inputs],
-            output_names, call.priority, call.timeout_s,
-        )
+        if sent is not None:
+            result = await self.batcher.result(sent)
+        else:
+            result = await self.batcher.infer(config.name, version, inputs, output_names,
+                                              call.priority, call.timeout_s)
         by_name = {t.name: t for t in result.outputs}
         try:
             outputs = [by_name[name] for name in output_names]
@@ -266,8 +340,12 @@ class Gateway:
             raise Unavailable(f"the batcher returned no output {e} for '{config.name}'") from None
         if cache_key is not None:
             value = cache_pb2.CachedOutputs(outputs=outputs).SerializeToString()
-            self.cache.store([cache_pb2.StoreEntry(
-                key=cache_key, value=value, generation=generation, ttl_s=config.cache.ttl_s)])
+            self.cache.store_one(cache_pb2.StoreEntry(
+                key=cache_key, value=value, generation=generation, ttl_s=config.cache.ttl_s))
+            # Kept only under a generation the service gave (a lookup that failed has none).
+            if epoch is not None and generation:
+                l1.put(cache_key.digest, config.name, version, value,
+                       config.cache.ttl_s or L1_DEFAULT_TTL_S, epoch)
         self.loads.observe(config.name, version, result.queue_ns, result.compute_ns)
         return InferOutcome(version, outputs, False, result.queue_ns, result.compute_ns,
                             model=config.name)
@@ -427,6 +505,9 @@ class Gateway:
     async def _invalidate(self, model: str, versions: list[str]) -> None:
         if self.cache is None:
             return
+        if self.l1 is not None:  # at once here; the service tells the other gateways
+            for version in versions or [""]:
+                self.l1.invalidate(model, version)
         try:
             if versions:
                 await asyncio.gather(*(self.cache.invalidate(model, v) for v in versions))

@@ -252,7 +252,7 @@ class Protection:
                       f"rate limit of {who} exceeded: retry after {retry_ms} ms", retry_ms)
 
 
-def _stream_error(request: pb.ModelInferRequest, denied: Denied) -> pb.ModelStreamInferResponse:
+def stream_error(request: pb.ModelInferRequest, denied: Denied) -> pb.ModelStreamInferResponse:
     response = pb.ModelStreamInferResponse(
         error_message=denied.message,
         infer_response=pb.ModelInferResponse(model_name=request.model_name[:MAX_NAME_CHARS],
@@ -262,7 +262,7 @@ def _stream_error(request: pb.ModelInferRequest, denied: Denied) -> pb.ModelStre
     return response
 
 
-async def _abort(context, denied: Denied):
+async def abort(context, denied: Denied):
     await context.abort(denied.code, denied.message, trailing_metadata=denied.trailing_metadata())
 
 
@@ -318,16 +318,16 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
         async def infer(request, context):
             key = p.authenticate(context.invocation_metadata())
             if isinstance(key, Denied):
-                return await _abort(context, key)
+                return await abort(context, key)
             CALLER.set(key)
             denied = p.acquire()
             if denied is not None:
-                return await _abort(context, denied)
+                return await abort(context, denied)
             try:
                 if key is not None or p.limiting:
                     denied = await p.admit(key, [request])
                     if denied is not None:
-                        return await _abort(context, denied)
+                        return await abort(context, denied)
                 return await inner(request, context)
             finally:
                 p.release()
@@ -340,11 +340,11 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
         async def submit(request, context):
             key = p.authenticate(context.invocation_metadata())
             if isinstance(key, Denied):
-                return await _abort(context, key)
+                return await abort(context, key)
             CALLER.set(key)
             denied = await p.admit(key, requests(request))
             if denied is not None:
-                return await _abort(context, denied)
+                return await abort(context, denied)
             return await inner(request, context)
 
         return submit
@@ -360,7 +360,7 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
         async def stream(request_iterator, context):
             key = p.authenticate(context.invocation_metadata())
             if isinstance(key, Denied):
-                await _abort(context, key)
+                await abort(context, key)
                 return
             CALLER.set(key)
             out: asyncio.Queue = asyncio.Queue(STREAM_BUFFER)  # (response, admitted)
@@ -375,7 +375,7 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
                         if denied is not None:
                             p.release()
                     if denied is not None:
-                        await out.put((_stream_error(request, denied), False))
+                        await out.put((stream_error(request, denied), False))
                         continue
                     pending += 1
                     yield request
@@ -419,12 +419,12 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
         async def check(request, context) -> bool:
             key = p.authenticate(context.invocation_metadata())
             if isinstance(key, Denied):
-                await _abort(context, key)
+                await abort(context, key)
             models = model_of(request) if model_of is not None \
                 and not handler.request_streaming else []
             denied = p.authorize(key, models, scope)
             if denied is not None:
-                await _abort(context, denied)
+                await abort(context, denied)
             CALLER.set(key)
             return True
 
@@ -447,7 +447,7 @@ def _refusal(denied: Denied):
     kind of call, so it answers a unary call as well)."""
 
     async def refuse(_request_iterator, context):
-        await _abort(context, denied)
+        await abort(context, denied)
 
     return grpc.stream_unary_rpc_method_handler(refuse)
 

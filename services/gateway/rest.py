@@ -57,6 +57,8 @@ GUARDED = ("ServerMetadata", "ModelMetadata", "ModelReady", "ModelConfig", "Mode
            "ModelInfer", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")
 JSON = "application/json"
 
+MAX_BODY = web.AppKey("max_body", int)
+BODY_ENCODINGS = ("identity", "gzip", "deflate")  # request bodies aiohttp decodes for us
 _CallDetails = namedtuple("_CallDetails", "method invocation_metadata")
 
 
@@ -104,6 +106,10 @@ def _aborted(e: Abort) -> web.Response:
     return error(STATUS_HTTP.get(e.code, 500), e.details, retry)
 
 
+class UnsupportedEncoding(Exception):
+    """A request body in an encoding we cannot read: 415."""
+
+
 @web.middleware
 async def _errors(request: web.Request, handler):
     """Every failure as {"error": ...} with its status; responses compressed on request."""
@@ -113,8 +119,10 @@ async def _errors(request: web.Request, handler):
         return _aborted(e)
     except errors.MeshError as e:  # a malformed body, found before the servicer
         return error(STATUS_HTTP.get(status_of(e), 500), clip(str(e), STATUS_MESSAGE_CHARS))
+    except UnsupportedEncoding as e:
+        return error(415, str(e))
     except web.HTTPRequestEntityTooLarge:
-        return error(413, f"request body over the limit of {request.app['max_body']} bytes "
+        return error(413, f"request body over the limit of {request.app[MAX_BODY]} bytes "
                      "(--max-message-mb)")
     except web.HTTPException as e:
         if e.status < 400:
@@ -147,9 +155,12 @@ class RestApi:
         sees the headers alone: a refused caller is answered before its body is read (when
         `message` is a coroutine function, it reads the body, and runs only once admitted)."""
         context = HttpContext(request.headers)
-        handler = await self.interceptor.intercept_service(
-            self.continuations[method],
-            _CallDetails(INFERENCE + method, context.invocation_metadata()))
+        if self.interceptor is None:  # no keys, no limits: the servicer sheds load itself
+            handler = await self.continuations[method](None)
+        else:
+            handler = await self.interceptor.intercept_service(
+                self.continuations[method],
+                _CallDetails(INFERENCE + method, context.invocation_metadata()))
         if handler.unary_unary is None:  # a refusal: it answers without reading a request
             refuse = handler.stream_unary or handler.unary_stream or handler.stream_stream
             await refuse(None, context)
@@ -163,6 +174,10 @@ class RestApi:
         read whole: at once by its Content-Length, else as soon as it grows past it."""
         if request.content_length is not None and request.content_length > self.max_body:
             raise web.HTTPRequestEntityTooLarge(self.max_body, request.content_length)
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in BODY_ENCODINGS:
+            raise UnsupportedEncoding(f"Content-Encoding {codec.shown(encoding)} is not supported "
+                                      f"(use {', '.join(BODY_ENCODINGS)})")
         try:
             return await request.read()
         except (RequestPayloadError, http_exceptions.HttpProcessingError) as e:
@@ -307,7 +322,7 @@ def create_app(servicer, protection: Protection, max_body: int) -> tuple[web.App
                                                                           RestApi]:
     api = RestApi(servicer, protection, max_body)
     app = web.Application(middlewares=[_errors], client_max_size=max_body)
-    app["max_body"] = max_body
+    app[MAX_BODY] = max_body
     app.add_routes(routes(api))
     return app, api
 

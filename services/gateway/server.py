@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from meshserve.batcher.client import BatcherClient
 from meshserve.cache.client import CacheClient
-from meshserve.common import grpcutil, metrics, tracing
+from meshserve.common import grpcutil, hops, metrics, tracing
 from meshserve.common.backoff import Backoff
 from meshserve.common.control_store import GatewayControlStore, RedisControlStore
 from meshserve.common.grpcutil import MiB
@@ -18,6 +18,7 @@ from meshserve.common.settings import write_port_file
 from meshserve.gateway import protection, rest, routing_servicer
 from meshserve.gateway.config import Settings
 from meshserve.gateway.core import Gateway
+from meshserve.gateway.l1 import L1Cache, L1Collector
 from meshserve.gateway.servicer import GatewayMetrics, InferenceServicer
 from meshserve.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from meshserve.tasks import server as tasks_server
@@ -37,27 +38,38 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
     batcher = BatcherClient(settings.batcher, transport=transport)
     cache = (CacheClient(settings.cache, settings.cache_timeout_ms / 1000, transport=transport)
              if settings.cache else None)
+    l1 = L1Cache(settings.l1_cache_mb * MiB) if cache is not None and settings.l1_cache_mb else None
+    if l1 is not None:
+        registry.register(L1Collector(l1))
     # The cluster's model control: in Redis with --redis-url, else on every batcher.
     control = (RedisControlStore(settings.redis_url) if settings.redis_url
                else GatewayControlStore(settings.batcher, batcher.each, transport))
     gateway = Gateway(
         ModelRepository(settings.model_repository), batcher, cache,
-        cache_timeout_s=settings.cache_timeout_ms / 1000, control=control,
+        cache_timeout_s=settings.cache_timeout_ms / 1000, control=control, l1=l1,
     )
-    # API keys, rate limits, load shedding: one interceptor (gateway/protection.py).
-    gateway.protection = protection.create(settings, registry)
+    hops.register(registry, lambda: [*batcher.hop_counts(),
+                                     *(cache.hop_counts() if cache is not None else [])])
+    # API keys, rate limits, load shedding: one interceptor (gateway/protection.py), only
+    # when there are keys or limits; else the servicer sheds load past the concurrency
+    # limit itself (an interceptor costs every call).
+    gateway.protection = p = protection.create(settings, registry)
+    intercept = p.auth or p.limiting
     server, port, health = grpcutil.new_server(
         f"{settings.host}:{settings.port}", SERVICES, settings.max_message_mb * MiB,
         reuse_port=settings.reuse_port, transport=transport,
-        interceptors=[protection.ProtectionInterceptor(gateway.protection)],
+        interceptors=[protection.ProtectionInterceptor(p)] if intercept else [],
         limits=settings.connection_limits(),
     )
     servicer = InferenceServicer(gateway, GatewayMetrics(registry),
-                                 settings.max_stream_concurrency, settings.trace_sample_ratio)
+                                 settings.max_stream_concurrency, settings.trace_sample_ratio,
+                                 shed=None if intercept else p)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     http = None
     if settings.http_port >= 0:
-        app, api = rest.create_app(servicer, gateway.protection, settings.max_message_mb * MiB)
+        # The same protection as the gRPC port: the interceptor, or the servicer's shedding.
+        app, api = rest.create_app(servicer, p if intercept else None,
+                                   settings.max_message_mb * MiB)
         http = rest.RestServer(app, api, settings.host, settings.http_port, settings.reuse_port,
                                transport, settings.grace_s)
     # Async inference on the same port; gateway.tasks is its AsyncService.

@@ -17,7 +17,7 @@ from meshserve import __version__
 from meshserve.common import errors, tracing
 from meshserve.common.auth import ADMIN, CALLER
 from meshserve.common.grpcutil import grpc_errors, status_of
-from meshserve.gateway import convert
+from meshserve.gateway import convert, protection
 from meshserve.gateway.core import Gateway, InferCall, InferOutcome
 from meshserve.pb.inference import grpc_service_pb2 as pb
 from meshserve.pb.inference import grpc_service_pb2_grpc as pb_grpc
@@ -98,10 +98,22 @@ def to_call(request: pb.ModelInferRequest, time_remaining: float | None,
 
 def route_key(context) -> str:
     """Sticky routing key: gRPC metadata x-route-key ("" when absent)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-route-key":
-            return value if isinstance(value, str) else value.decode()
-    return ""
+    return route_and_trace(context.invocation_metadata(), 0.0)[0]
+
+
+def route_and_trace(metadata, sample_ratio: float) -> tuple[str, tracing.TraceContext | None]:
+    """The sticky routing key (metadata x-route-key, "" when absent) and the trace context:
+    the client's traceparent, else a new sampled trace at sample_ratio, else None (an
+    unsampled request the client did not trace carries no context at all). One pass."""
+    key, trace = "", None
+    for name, value in metadata or ():
+        if name == "x-route-key":
+            key = value if isinstance(value, str) else value.decode()
+        elif name == tracing.METADATA_KEY:
+            trace = tracing.parse(value)
+    if trace is None and sample_ratio > 0 and random.random() < sample_ratio:
+        trace = tracing.new_context(True)
+    return key, trace
 
 
 async def infer_message(gateway: Gateway, request: pb.ModelInferRequest,
@@ -116,24 +128,36 @@ async def infer_message(gateway: Gateway, request: pb.ModelInferRequest,
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """shed: the gateway's Protection when no interceptor applies it (no API keys, no rate
+    limits): then only its concurrency limit is checked, here, per inference."""
+
     def __init__(self, gateway: Gateway, metrics: GatewayMetrics, max_stream_concurrency: int,
-                 trace_sample_ratio: float = 0.0):
+                 trace_sample_ratio: float = 0.0, shed: protection.Protection | None = None):
         self.gateway = gateway
         self.metrics = metrics
         self.max_stream_concurrency = max_stream_concurrency
         self.trace_sample_ratio = trace_sample_ratio
+        self.shed = shed
+        # (model, code) -> the bound metric children: no label lookup per request. Models
+        # are known ones (an unknown name counts as "_unknown"), codes a fixed set.
+        self._bound: dict[tuple[str, str], tuple] = {}
 
-    def _trace(self, context) -> tracing.TraceContext:
-        """The client's traceparent (metadata), else a new trace sampled at the ratio."""
-        return tracing.incoming(context.invocation_metadata(), self.trace_sample_ratio)
+    def _observe(self, model: str, code: str, seconds: float) -> None:
+        bound = self._bound.get((model, code))
+        if bound is None:
+            bound = self._bound[(model, code)] = (
+                self.metrics.requests.labels(model, code), self.metrics.seconds.labels(model))
+        bound[0].inc()
+        bound[1].observe(seconds)
 
     async def _infer(self, request: pb.ModelInferRequest, time_remaining,
                      key: str = "", trace: tracing.TraceContext | None = None
                      ) -> pb.ModelInferResponse:
         started = time.perf_counter()
         code, detail = "OK", ""
-        trace = trace or tracing.new_context(False)
         try:
+            if trace is None:
+                return await infer_message(self.gateway, request, time_remaining, key)
             # The batcher and cache clients read the context (tracing.current) of this task.
             with tracing.span("gateway ModelInfer", trace, model=request.model_name) as hop, \
                     tracing.use(hop):
@@ -154,35 +178,47 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         finally:
             if code != "OK":
-                tracing.log_request(log, trace, "ModelInfer %s version %r: %s in %.2f ms: %s",
+                # An error is logged whatever the sampling, under a trace id of its own
+                # when the client sent none.
+                tracing.log_request(log, trace or tracing.new_context(False),
+                                    "ModelInfer %s version %r: %s in %.2f ms: %s",
                                     request.model_name, request.model_version, code,
                                     (time.perf_counter() - started) * 1e3, detail, error=True)
-            model = self.gateway.metric_label(request.model_name)
-            self.metrics.requests.labels(model, code).inc()
-            self.metrics.seconds.labels(model).observe(time.perf_counter() - started)
+            self._observe(self.gateway.metric_label(request.model_name), code,
+                          time.perf_counter() - started)
 
     @grpc_errors
     async def ModelInfer(self, request, context):
-        return await self._infer(request, context.time_remaining(), route_key(context),
-                                 self._trace(context))
+        key, trace = route_and_trace(context.invocation_metadata(), self.trace_sample_ratio)
+        shed = self.shed
+        if shed is None:
+            return await self._infer(request, context.time_remaining(), key, trace)
+        denied = shed.acquire()
+        if denied is not None:
+            await protection.abort(context, denied)
+        try:
+            return await self._infer(request, context.time_remaining(), key, trace)
+        finally:
+            shed.release()
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests on one stream run concurrently (bounded); each response or error is
         written as it completes. An error answers that request only: the stream goes on."""
         out: asyncio.Queue = asyncio.Queue()
-        key = route_key(context)
         # A traceparent on the stream's metadata covers every request on it; else each
-        # request starts its own trace.
-        stream_trace = tracing.from_metadata(context.invocation_metadata())
+        # request is sampled on its own.
+        key, stream_trace = route_and_trace(context.invocation_metadata(), 0.0)
+        ratio = self.trace_sample_ratio
         slots = asyncio.Semaphore(self.max_stream_concurrency)
         tasks: set[asyncio.Task] = set()
+        shed = self.shed
 
         async def one(request):
             # The request's slot is released once its response is written (below): a
             # client that never reads holds at most max_stream_concurrency of them here.
             try:
-                trace = stream_trace or tracing.new_context(
-                    random.random() < self.trace_sample_ratio)
+                trace = stream_trace or (
+                    tracing.new_context(True) if ratio and random.random() < ratio else None)
                 response = await self._infer(request, context.time_remaining(), key, trace)
                 out.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except errors.MeshError as e:
@@ -190,10 +226,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             except Exception:
                 log.exception("stream inference failed")
                 out.put_nowait(_stream_error(request, "internal error"))
+            finally:
+                if shed is not None:
+                    shed.release()
 
         async def read():
             async for request in request_iterator:
                 await slots.acquire()
+                if shed is not None and (denied := shed.acquire()) is not None:
+                    out.put_nowait(protection.stream_error(request, denied))
+                    continue
                 task = asyncio.create_task(one(request))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from meshserve.model_worker.execution import BatchOutcome, BatchRequest, RawTensor
+from meshserve.model_worker.execution import BatchOutcome, BatchRequest, WireTensor
 from meshserve.model_worker.models import ModelInfo
 from meshserve.model_worker.worker import WorkerState
 from meshserve.pb.meshserve.v1 import tensor_pb2, worker_pb2
 
 
-def tensor_from_pb(t: tensor_pb2.Tensor) -> RawTensor:
-    return RawTensor(t.name, t.datatype, tuple(t.shape), t.data)
+def tensor_from_pb(t: tensor_pb2.Tensor) -> WireTensor:
+    return WireTensor(t.name, t.datatype, tuple(t.shape), t.data)
 
 
-def tensor_to_pb(t: RawTensor) -> tensor_pb2.Tensor:
+def tensor_to_pb(t: WireTensor) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(name=t.name, datatype=t.datatype, shape=t.shape, data=t.data)
 
 

@@ -15,7 +15,7 @@ from meshserve.common.repository import ModelConfig
 
 
 @dataclass(frozen=True, slots=True)
-class RawTensor:
+class WireTensor:
     """A tensor as it travels: datatype, full shape, little-endian row-major bytes."""
 
     name: str
@@ -29,7 +29,7 @@ class BatchRequest:
     batch_id: int
     model: str
     version: str
-    inputs: tuple[RawTensor, ...]
+    inputs: tuple[WireTensor, ...]
     # Outputs to return; empty: every output of the model.
     outputs: tuple[str, ...] = ()
     # W3C traceparents of the requests in the batch (for logs and spans).
@@ -42,7 +42,7 @@ class BatchOutcome:
     # An error as (grpc status code value, message); code 0 when outputs are set.
     code: int = 0
     message: str = ""
-    outputs: tuple[RawTensor, ...] = ()
+    outputs: tuple[WireTensor, ...] = ()
     compute_ns: int = 0
     executed_batch_size: int = 0
     rows: int = 0
@@ -109,7 +109,7 @@ def run_batch(config: ModelConfig, runner, batch: BatchRequest) -> BatchOutcome:
     encoded = []
     for name, value in postprocess(config, outputs, wanted).items():
         dtype, shape, data = tensors.raw_bytes(value)
-        encoded.append(RawTensor(name, dtype, tuple(shape), data))
+        encoded.append(WireTensor(name, dtype, tuple(shape), data))
     return BatchOutcome(
         batch.batch_id, outputs=tuple(encoded), compute_ns=compute_ns,
         executed_batch_size=executed, rows=rows,

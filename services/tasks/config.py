@@ -11,6 +11,8 @@ from meshserve.common.settings import Flags
 from meshserve.common.transport import PLAINTEXT, Transport
 from meshserve.tasks.records import QueueSettings
 
+_QUEUE = QueueSettings()  # the queue defaults (the gateway's --async-* flags share them)
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -26,12 +28,12 @@ class Settings:
     cache_timeout_ms: int = 50
     runners: int = 1
     concurrency: int = 256  # tasks in progress at once per runner
-    max_queue: int = 100_000
-    task_ttl_s: float = 3600.0
-    result_ttl_s: float = 3600.0
-    claim_idle_s: float = 30.0
-    max_deliveries: int = 3
-    key_prefix: str = "meshserve:tasks"
+    max_queue: int = _QUEUE.max_queue
+    task_ttl_s: float = _QUEUE.task_ttl_s
+    result_ttl_s: float = _QUEUE.result_ttl_s
+    claim_idle_s: float = _QUEUE.claim_idle_s
+    max_deliveries: int = _QUEUE.max_deliveries
+    key_prefix: str = _QUEUE.key_prefix
     grace_s: float = 5.0
     transport: Transport = PLAINTEXT  # TLS (mTLS), compression, OTLP
 

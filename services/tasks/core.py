@@ -11,7 +11,7 @@ from dataclasses import replace
 from meshserve.common.errors import InvalidInput, NotFound
 from meshserve.tasks.metrics import TaskMetrics
 from meshserve.tasks.queues import TaskQueue
-from meshserve.tasks.records import NewTask, State, TaskView, check_task_id, now_ms
+from meshserve.tasks.records import NewTask, State, TaskView, check_task_id
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class AsyncTasks:
                     return
                 wait_s = WATCH_RESYNC_S
                 if view.state == State.PENDING:  # wake when it would expire
-                    left_s = (await self.queue.deadline(task_id) - now_ms()) / 1000
+                    left_s = (await self.queue.deadline(task_id) - self.queue.clock()) / 1000
                     wait_s = max(0.001, min(wait_s, left_s + 0.001))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), wait_s)

@@ -20,7 +20,7 @@ from meshserve.common.backoff import Backoff
 from meshserve.common.grpcutil import code_value
 from meshserve.tasks.metrics import TaskMetrics
 from meshserve.tasks.queues import TaskQueue, consumer_name
-from meshserve.tasks.records import CODE_INTERNAL, Delivery, Started, State, now_ms
+from meshserve.tasks.records import CODE_INTERNAL, Delivery, Started, State
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class Runner:
                         d.task_id, e)
 
     async def _run(self, d: Delivery, started: Started) -> None:
-        timeout_s = (started.deadline_ms - now_ms()) / 1000
+        timeout_s = (started.deadline_ms - self.queue.clock()) / 1000
         try:
             response = await self.execute(started.request, timeout_s)
         except errors.Unavailable as e:
@@ -154,6 +154,6 @@ class Runner:
             self._count("succeeded" if state == State.SUCCEEDED else "failed")
             if self.metrics is not None:
                 self.metrics.submit_to_done_seconds.observe(
-                    max(0, now_ms() - started.submitted_ms) / 1000)
+                    max(0, self.queue.clock() - started.submitted_ms) / 1000)
         else:
             self._count("dropped")

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 
 from meshserve.batcher.core import Batcher, BatcherOptions, Session
-from meshserve.batcher.records import BatchOutcome, RawTensor, raw_tensor
+from meshserve.batcher.records import BatchReply, RawTensor, raw_tensor
 from meshserve.batcher.workers import HeldModel, WorkerPool, WorkerReport
 from meshserve.common.errors import (
     Cancelled,
@@ -38,17 +38,17 @@ class FakeLink:
         self.reload_gates: dict[str, asyncio.Event] = {}
         self.unloads: list = []
 
-    async def execute(self, batch) -> BatchOutcome:
+    async def execute(self, batch) -> BatchReply:
         self.batches.append(batch)
         await self.gate.wait()
         if self.fail:
             error = self.fail.pop(0)
             if isinstance(error, Unavailable):
                 raise error
-            return BatchOutcome(error, (), 0, 0)
+            return BatchReply(error, (), 0, 0)
         x = batch.inputs[0]
         out = RawTensor("logits", x.datatype, x.shape, x.data)
-        return BatchOutcome(None, (out,), 1000, batch.rows)
+        return BatchReply(None, (out,), 1000, batch.rows)
 
     async def load(self, model, version, reload=False):
         if not reload:
@@ -129,7 +129,7 @@ def test_broken_stream_is_retried_on_another_worker_and_answered_once(models_dir
         session = Session(batcher)
         session.submit(7, "digits", "2", row(7.0), [], 0, 0)
         while not results:
-            results += await asyncio.wait_for(session.drain(), 5)
+            results += (await asyncio.wait_for(session.drain(), 5))[0]
         [result] = results
         assert result.error is None and first_value(result) == 7.0
         assert len(w0.batches) + len(w1.batches) == 3  # two failures, then success
@@ -171,12 +171,43 @@ def test_closing_a_session_cancels_its_queued_requests(models_dir):
             session.submit(i, "digits", "2", row(i), [], 0, 0)
         await asyncio.sleep(0)
         session.close()
-        results = await asyncio.wait_for(session.drain(), 5)
+        results, _received = await asyncio.wait_for(session.drain(), 5)
         assert sorted(r.request_id for r in results) == [1, 2, 3, 4, 5, 6]
         assert all(isinstance(r.error, Cancelled) for r in results)
         assert not session.pending
         link.gate.set()
         await asyncio.sleep(0)
+        await batcher.close()
+    asyncio.run(body())
+
+
+def test_messages_are_acknowledged_and_withdrawn_requests_are_no_failures(models_dir):
+    """Flow control: each message read is acknowledged with the next drain, alone or with
+    results. A withdrawn request (the gateway's cache had the answer) is dropped like a
+    cancelled one but does not count as a failure."""
+    async def body():
+        batcher, [link] = setup(models_dir)
+        link.gate.clear()
+        session = Session(batcher)
+        session.received()
+        session.received()
+        assert await asyncio.wait_for(session.drain(), 5) == ([], 2)
+        for i in range(1, 7):  # 1 batch runs, the rest queue
+            session.submit(i, "digits", "2", row(i), [], 0, 0)
+        await asyncio.sleep(0)
+        session.cancel(5)
+        session.cancel(6, withdrawn=True)
+        results, received = await asyncio.wait_for(session.drain(), 5)
+        assert received == 0
+        assert sorted(r.request_id for r in results) == [5, 6]
+        assert all(isinstance(r.error, Cancelled) for r in results)
+        link.gate.set()
+        answered = []
+        while len(answered) < 4:
+            answered += (await asyncio.wait_for(session.drain(), 5))[0]
+        [stats] = batcher.statistics("digits", "2")
+        assert stats.fail.count == 1  # 5 only
+        assert stats.success.count == 4
         await batcher.close()
     asyncio.run(body())
 

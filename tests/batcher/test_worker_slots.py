@@ -1,6 +1,6 @@
 """How many batches the batcher keeps in flight on a worker."""
 
-from meshserve.batcher.workers import HEAVY_BATCH_S, Worker, WorkerReport
+from meshserve.batcher.workers import HEAVY_BATCH_S, PooledWorker, WorkerReport
 
 KEY = ("digits", "2")
 
@@ -9,8 +9,8 @@ class Link:
     address = "w:1"
 
 
-def worker(device: str, max_in_flight: int = 0) -> Worker:
-    w = Worker(Link(), max_in_flight)
+def worker(device: str, max_in_flight: int = 0) -> PooledWorker:
+    w = PooledWorker(Link(), max_in_flight)
     w.report = WorkerReport("w", device, (), 0, 0, 8, 0)
     return w
 

@@ -150,3 +150,46 @@ def test_slow_answers_time_out_as_misses():
             await server.stop(None)
             await cache.close()
     asyncio.run(main())
+
+
+def test_invalidations_are_announced_to_every_client_and_streams_report_availability():
+    """What keeps a gateway's L1 exact: every client hears of an invalidation made through
+    any of them, and learns when a lookup stream is down (announcements could be lost)."""
+    async def main():
+        server, port, _health, cache = await started_service()
+        clients = [CacheClient(f"127.0.0.1:{port}", timeout_s=5.0) for _ in range(2)]
+        heard: list[list[tuple[str, str]]] = [[], []]
+        availability: list[bool] = []
+        for client, log in zip(clients, heard, strict=True):
+            client.on_invalidated = lambda model, version, log=log: log.append((model, version))
+            await client.start()
+        clients[1].on_availability = availability.append
+        try:
+            for client in clients:  # one lookup each: both streams are open
+                assert (await client.lookup_one(ckey(1))).generation > 0
+            assert all(c.available() for c in clients)
+            await clients[0].invalidate("digits", "1")
+            await clients[0].invalidate("cnn")
+
+            async def announced():
+                return all(log == [("digits", "1"), ("cnn", "")] for log in heard)
+            await wait_for(announced)
+            # lookups still answered after the announcements (they are not answers)
+            gen = (await clients[1].lookup_one(ckey(1))).generation
+            clients[1].store_one(cache_pb2.StoreEntry(key=ckey(1), value=b"v", generation=gen))
+
+            async def hit():
+                return (await clients[1].lookup_one(ckey(1))).hit
+            await wait_for(hit)
+            await server.stop(None)
+
+            async def down():
+                return availability and availability[-1] is False
+            await wait_for(down)
+            assert not clients[1].available()
+            assert not (await clients[1].lookup_one(ckey(1))).hit
+        finally:
+            for client in clients:
+                await client.close()
+            await cache.close()
+    asyncio.run(main())

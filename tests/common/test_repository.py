@@ -7,8 +7,14 @@ import json
 
 import pytest
 
+from meshserve.batcher.queue import BatchPolicy
 from meshserve.common.errors import ConfigError, InvalidInput, NotFound
-from meshserve.common.repository import ModelRepository, VersionPolicy, parse_config
+from meshserve.common.repository import (
+    BatchingConfig,
+    ModelRepository,
+    VersionPolicy,
+    parse_config,
+)
 
 
 @pytest.fixture
@@ -130,3 +136,14 @@ def test_invalid_json_names_the_file(tmp_path, digits):
     (tmp_path / "digits" / "config.json").write_text("{")
     with pytest.raises(ConfigError, match="digits/config.json: invalid JSON"):
         repo.config("digits")
+
+
+@pytest.mark.parametrize("section", ["batching", "cache", "warmup"])
+def test_an_empty_section_means_the_dataclass_defaults(digits, section):
+    """One source for every default: a section given as {} parses to the same config as a
+    section left out, and the batcher's BatchPolicy starts from the same values."""
+    without = _mutated(digits, lambda c: (c.pop("batching", None), c.pop(section, None)))
+    empty = _mutated(without, lambda c: c.__setitem__(section, {}))
+    assert parse_config(empty, "x") == parse_config(without, "x")
+    assert parse_config(without, "x").batching == BatchingConfig()
+    assert BatchPolicy(max_batch_size=8) == BatchPolicy.from_config(8, BatchingConfig())

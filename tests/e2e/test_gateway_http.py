@@ -169,6 +169,9 @@ def test_compressed_requests_and_responses(hc, mesh):
     status, _, raw = request(mesh, "POST", "/v2/models/digits/infer", b"not gzip",
                              {"Content-Encoding": "gzip"})
     assert status == 400 and "cannot be read" in json.loads(raw)["error"]
+    status, _, raw = request(mesh, "POST", "/v2/models/digits/infer", body,
+                             {"Content-Encoding": "zstdx"})
+    assert status == 415 and "'zstdx' is not supported" in json.loads(raw)["error"]
     assert "Traceback" not in mesh.gateway.output()
 
 

@@ -10,7 +10,7 @@ from worker_models import mlp_config, save_mlp, write_config
 from meshserve.common.errors import InvalidInput
 from meshserve.common.repository import ModelRepository, parse_config
 from meshserve.model_worker.cuda_graphs import BucketRunner, InputSpec, choose_bucket
-from meshserve.model_worker.execution import BatchRequest, RawTensor, postprocess, run_batch
+from meshserve.model_worker.execution import BatchRequest, WireTensor, postprocess, run_batch
 from meshserve.model_worker.loader import load_network, output_mapper
 from meshserve.model_worker.models import load_model
 
@@ -247,7 +247,7 @@ def test_run_batch_validates_and_encodes(tmp_path):
     net = save_mlp(folder / "1" / "model.pth")
     model = load_model(config, folder / "1" / "model.pth", "1", "cpu", True)
     x = torch.randn(3, 4)
-    raw = RawTensor("x", "FP32", (3, 4), x.numpy().tobytes())
+    raw = WireTensor("x", "FP32", (3, 4), x.numpy().tobytes())
     request = BatchRequest(7, "tiny", "1", (raw,), ("top_p", "label"))
     outcome = run_batch(config, model.runner, request)
     assert outcome.batch_id == 7 and outcome.executed_batch_size == 3 and outcome.rows == 3
@@ -260,15 +260,15 @@ def test_run_batch_validates_and_encodes(tmp_path):
 
 
 @pytest.mark.parametrize("inputs, outputs, message", [
-    ((RawTensor("x", "FP64", (1, 4), b"\0" * 32),), (), "datatype FP64, expected FP32"),
-    ((RawTensor("x", "FP32", (1, 5), b"\0" * 20),), (), r"shape \[1, 5\], expected \[-1, 4\]"),
-    ((RawTensor("x", "FP32", (1, 4), b"\0" * 12),), (), "12 bytes of data, expected 16"),
-    ((RawTensor("x", "FP32", (9, 4), b"\0" * 144),), (), "batch of 9 exceeds max_batch_size 8"),
-    ((RawTensor("x", "FP32", (0, 4), b""),), (), "batch dimension is 0"),
+    ((WireTensor("x", "FP64", (1, 4), b"\0" * 32),), (), "datatype FP64, expected FP32"),
+    ((WireTensor("x", "FP32", (1, 5), b"\0" * 20),), (), r"shape \[1, 5\], expected \[-1, 4\]"),
+    ((WireTensor("x", "FP32", (1, 4), b"\0" * 12),), (), "12 bytes of data, expected 16"),
+    ((WireTensor("x", "FP32", (9, 4), b"\0" * 144),), (), "batch of 9 exceeds max_batch_size 8"),
+    ((WireTensor("x", "FP32", (0, 4), b""),), (), "batch dimension is 0"),
     ((), (), r"missing input\(s\) x"),
-    ((RawTensor("x", "FP32", (1, 4), b"\0" * 16),) * 2, (), "given more than once"),
-    ((RawTensor("y", "FP32", (1, 4), b"\0" * 16),), (), "unknown input 'y'"),
-    ((RawTensor("x", "FP32", (1, 4), b"\0" * 16),), ("nope",), "has no output 'nope'"),
+    ((WireTensor("x", "FP32", (1, 4), b"\0" * 16),) * 2, (), "given more than once"),
+    ((WireTensor("y", "FP32", (1, 4), b"\0" * 16),), (), "unknown input 'y'"),
+    ((WireTensor("x", "FP32", (1, 4), b"\0" * 16),), ("nope",), "has no output 'nope'"),
 ])
 def test_bad_batches_are_refused_with_a_clear_message(inputs, outputs, message):
     with pytest.raises(InvalidInput, match=message):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from meshserve.client import _pairs, format_status
+from meshserve.client.commands import pairs as _pairs
+from meshserve.client.format import format_status
 from meshserve.pb.meshserve.v1 import routing_pb2 as rpb
 
 

@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 
 from meshserve.batcher.client import BatcherClient
-from meshserve.batcher.records import Batch, BatchOutcome
+from meshserve.batcher.records import Batch, BatchReply
 from meshserve.batcher.workers import HeldModel, WorkerPool, WorkerReport
 from meshserve.common.tensors import to_pb
 from tests.conftest import MODELS, ServiceProcess
@@ -23,7 +23,7 @@ class Link:
     def __init__(self, address: str):
         self.address = address
 
-    async def execute(self, batch: Batch) -> BatchOutcome: ...
+    async def execute(self, batch: Batch) -> BatchReply: ...
     async def load(self, model: str, version: str) -> None: ...
     async def unload(self, model: str, version: str) -> None: ...
 

@@ -237,3 +237,54 @@ def test_up_takes_batchers():
     assert local_mesh.parse([]).batchers == 1
     with pytest.raises(SystemExit):
         local_mesh.parse(["--batchers", "0"])
+
+
+def test_without_redis_the_batchers_hold_the_model_control(tmp_path):
+    """No Redis: each gateway writes the model control to every batcher and watches one."""
+    worker = ServiceProcess("model_worker", [
+        *INTERNAL, "--port", "0", "--device", "cpu", "--threads", "1",
+        "--model-repository", str(MODELS)], tmp_path, env={"REDIS_URL": ""})
+    started = [worker]
+    try:
+        worker.wait_ready()
+        batchers = [ServiceProcess("batcher", [
+            *INTERNAL, "--port", "0", "--model-repository", str(MODELS),
+            "--workers", worker.address, "--load", "digits"], tmp_path, env={"REDIS_URL": ""})
+            for _ in range(2)]
+        started += batchers
+        for b in batchers:
+            b.wait_ready()
+        target = ",".join(b.address for b in batchers)
+        gateways = [ServiceProcess("gateway", [
+            *INTERNAL, "--port", "0", "--model-repository", str(MODELS), "--batcher", target],
+            tmp_path, env={"REDIS_URL": ""}) for _ in range(2)]
+        started += gateways
+        for g in gateways:
+            g.wait_ready()
+
+        async def version_at(g: ServiceProcess) -> str:
+            async with AsyncClient(g.address) as c:
+                r = await c.infer("digits", {"input": X}, use_cache=False, timeout_s=30)
+                return r.model_version
+
+        async def go():
+            async with AsyncClient(gateways[0].address) as c:
+                await c.load_model("digits", ["1", "2"], "1")
+
+            async def other_serves_1():
+                return await version_at(gateways[1]) == "1"
+            await until(other_serves_1, "the other gateway serves the new default")
+            async with AsyncClient(gateways[1].address) as c:
+                await c.unload_model("digits")
+            for b in batchers:
+                states = await batcher_states(int(b.address.rsplit(":", 1)[1]))
+                assert all(s.reason == "unloaded" for s in states), states
+            for g in gateways:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await version_at(g)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        asyncio.run(go())
+    finally:
+        for p in reversed(started):
+            p.stop()

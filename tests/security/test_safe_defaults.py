@@ -10,7 +10,7 @@ import pytest
 
 from meshserve.batcher import config as batcher_config
 from meshserve.cache import config as cache_config
-from meshserve.client import _parse as infer_args
+from meshserve.client.commands import COMMANDS, infer_parser
 from meshserve.common.errors import ConfigError
 from meshserve.common.logs import redact_url
 from meshserve.gateway import config as gateway_config
@@ -77,8 +77,27 @@ def test_redis_passwords_never_reach_a_log_line(tmp_path):
 
 def test_the_cli_reads_the_key_from_the_environment(monkeypatch):
     monkeypatch.setenv("MESHSERVE_API_KEY", "msk_from_env")
-    assert infer_args(["digits", "--input", "[1]"]).api_key == "msk_from_env"
-    assert infer_args(["digits", "--input", "[1]", "--api-key", "k"]).api_key == "k"
+    assert infer_parser().parse_args(["digits", "--input", "[1]"]).api_key == "msk_from_env"
+    assert infer_parser().parse_args(["digits", "--input", "[1]", "--api-key", "k"]).api_key == "k"
     monkeypatch.delenv("MESHSERVE_API_KEY")
-    assert infer_args(["digits", "--input", "[1]"]).api_key == ""
+    assert infer_parser().parse_args(["digits", "--input", "[1]"]).api_key == ""
+
+
+@pytest.mark.parametrize("argv", [
+    ["infer", "digits", "--input", "[1]"], ["submit", "digits", "--input-file", "x.json"],
+    ["result", "t1"], ["route", "get", "digits"], ["route", "set", "digits", "--split", "1=1"],
+])
+def test_every_client_command_takes_the_same_connection_flags(monkeypatch, argv):
+    monkeypatch.setenv("MESHSERVE_API_KEY", "msk_from_env")
+    monkeypatch.setenv("MESHSERVE_URL", "gw:1")
+    name, rest = argv[0], argv[1:]
+    parse = COMMANDS[name][0]().parse_args
+    args = parse(rest)
+    assert (args.url, args.api_key, args.tls_ca, args.tls_cert, args.tls_key) == (
+        "gw:1", "msk_from_env", "", "", "")
+    flags = ["--url", "h:2", "--api-key", "k", "--tls-ca", "ca", "--tls-cert", "c",
+             "--tls-key", "k.pem"]
+    args = parse(rest + flags)
+    assert (args.url, args.api_key, args.tls_ca, args.tls_cert, args.tls_key) == (
+        "h:2", "k", "ca", "c", "k.pem")
 

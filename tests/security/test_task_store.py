@@ -4,7 +4,6 @@ and by bytes, and forgets expired tasks without scanning every idempotency key."
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -45,15 +44,16 @@ def test_the_store_is_bounded_by_bytes_and_count():
 
 
 def test_expired_tasks_free_their_key_quota_and_idempotency_keys():
-    settings = QueueSettings(task_ttl_s=0.001, result_ttl_s=0.001, max_per_key=100)
-    queue = MemoryQueue(settings)
+    settings = QueueSettings(task_ttl_s=1.0, result_ttl_s=1.0, max_per_key=100)
+    now = [1_000_000]
+    queue = MemoryQueue(settings, clock=lambda: now[0])
 
     async def main():
         await queue.submit([NewTask(b"x", idempotency_key=f"idem-{i}", owner="k")
                             for i in range(100)])
         with pytest.raises(Overloaded):
             await queue.submit([NewTask(b"x", owner="k")])
-        time.sleep(0.05)  # past every task's deadline and twice its result TTL
+        now[0] += 1000 + 2 * 1000  # past every task's deadline and twice its result TTL
         await queue.submit([NewTask(b"x", owner="k")])  # forgets the expired ones first
 
     asyncio.run(main())

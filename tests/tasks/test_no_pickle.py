@@ -9,7 +9,7 @@ BANNED = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marshal", "she
 
 
 def test_no_pickle_in_tasks():
-    files = sorted(Path(meshserve.tasks.__file__).parent.glob("*.py"))
+    files = sorted(Path(meshserve.tasks.__file__).parent.rglob("*.py"))
     assert len(files) >= 8
     for path in files:
         tree = ast.parse(path.read_text())

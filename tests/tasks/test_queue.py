@@ -10,8 +10,8 @@ import redis
 
 from meshserve.common.errors import InvalidInput, NotFound, Overloaded, Unavailable
 from meshserve.tasks.core import AsyncTasks
-from meshserve.tasks.queues import GROUP, MemoryQueue, RedisQueue
-from meshserve.tasks.records import NewTask, QueueSettings, State
+from meshserve.tasks.queues import GROUP, DeadLetter, MemoryQueue, RedisQueue
+from meshserve.tasks.records import NewTask, QueueSettings, State, now_ms
 from meshserve.tasks.runner import Runner
 
 
@@ -21,10 +21,23 @@ def make_queue(request):
     if request.param == "redis":
         urls.append(request.getfixturevalue("redis_server").url)
 
-    def make(**settings):
+    def make(clock=now_ms, **settings):
         s = QueueSettings(**settings)
-        return RedisQueue(urls[0], s) if urls else MemoryQueue(s)
+        return RedisQueue(urls[0], s, clock=clock) if urls else MemoryQueue(s, clock=clock)
     return make
+
+
+class Clock:
+    """A wall clock in ms that moves only when told (deadlines and TTLs without sleeps)."""
+
+    def __init__(self) -> None:
+        self.ms = now_ms()
+
+    def __call__(self) -> int:
+        return self.ms
+
+    def advance(self, seconds: float) -> None:
+        self.ms += int(seconds * 1000)
 
 
 class Executor:
@@ -46,9 +59,9 @@ class Executor:
         return b"out:" + request
 
 
-def run(make_queue, test, **settings):
+def run(make_queue, test, clock=now_ms, **settings):
     async def main():
-        queue = make_queue(**settings)
+        queue = make_queue(clock, **settings)
         await queue.start()
         try:
             await test(queue, AsyncTasks(queue))
@@ -132,9 +145,12 @@ def test_cancelled_task_is_never_run(make_queue):
 
 
 def test_deadline_and_result_ttl_expiry(make_queue):
+    clock = Clock()
+
     async def test(queue, tasks):
         [waited] = await tasks.submit([NewTask(b"w", timeout_s=0.05)])
-        await asyncio.sleep(0.1)
+        assert (await tasks.get(waited)).state == State.PENDING
+        clock.advance(0.1)
         assert (await tasks.get(waited)).state == State.EXPIRED  # past its deadline
         [done] = await tasks.submit([NewTask(b"d")])
         ex = Executor()
@@ -146,13 +162,16 @@ def test_deadline_and_result_ttl_expiry(make_queue):
         assert ex.runs == [b"d"]  # the expired task never ran
         expired = await tasks.get(waited)
         assert expired.state == State.EXPIRED and expired.error_code == 4
-        await asyncio.sleep(1.05)  # result TTL
+        assert (await tasks.get(done)).state == State.SUCCEEDED
+        clock.advance(1.05)  # result TTL
         gone = await tasks.get(done)
         assert gone.state == State.EXPIRED and gone.response == b""
-        await asyncio.sleep(1.0)  # twice the result TTL: forgotten
+        clock.advance(1.0)  # twice the result TTL: forgotten
+        if queue.durable:
+            await asyncio.sleep(2.1)  # Redis expires the keys by its own clock
         with pytest.raises(NotFound):
             await tasks.get(done)
-    run(make_queue, test, result_ttl_s=1.0)
+    run(make_queue, test, clock, result_ttl_s=1.0)
 
 
 def test_transient_failure_is_retried_then_succeeds(make_queue):
@@ -166,6 +185,28 @@ def test_transient_failure_is_retried_then_succeeds(make_queue):
         assert view.state == State.SUCCEEDED and view.response == b"out:r"
         assert ex.runs == [b"r", b"r"]
     run(make_queue, test, claim_idle_s=0.3)
+
+
+def test_a_task_failing_every_time_is_dead_lettered_after_max_deliveries(make_queue):
+    """Both backends: a transient failure is retried (a new delivery) until max_deliveries
+    deliveries ran; the next is dead-lettered and the task FAILED with the last error."""
+    async def test(queue, tasks):
+        ex = Executor(fail_first=100)
+        runner = Runner(queue, ex)
+        runner.start()
+        [tid, ok] = await tasks.submit([NewTask(b"p"), NewTask(b"s")])
+        view = await wait_done(tasks, tid)
+        assert (await wait_done(tasks, ok)).state == State.FAILED  # it failed as often
+        await runner.stop(1)
+        assert view.state == State.FAILED and view.error_code == 14  # UNAVAILABLE
+        why = "gave up after 2 deliveries: the batcher is unavailable"
+        assert view.error_message == why
+        assert ex.runs.count(b"p") == 2
+        dead = sorted(await queue.dead_letters(), key=lambda d: d.task_id)
+        assert dead == sorted([DeadLetter(tid, 3, why), DeadLetter(ok, 3, why)],
+                              key=lambda d: d.task_id)
+        assert await queue.length() == 0
+    run(make_queue, test, claim_idle_s=0.2, max_deliveries=2)
 
 
 def test_dead_runners_task_is_claimed_and_dead_lettered(redis_server):

@@ -42,11 +42,12 @@ def mesh(tmp_path_factory):
     m.stop()
 
 
-def runner(mesh) -> ServiceProcess:
+def runner(mesh, *flags: str) -> ServiceProcess:
     proc = ServiceProcess("tasks", [
         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--redis-url",
         mesh.redis.url, "--model-repository", str(MODELS), "--batcher", mesh.batcher.address,
-        "--cache", mesh.cache.address, "--concurrency", "1", "--claim-idle-s", "1"], mesh.tmp)
+        "--cache", mesh.cache.address, "--concurrency", "1", "--claim-idle-s", "1", *flags],
+        mesh.tmp)
     proc.wait_ready()
     return proc
 
@@ -176,3 +177,39 @@ def test_command_line_submit_and_result(mesh):
     assert f"task {task_id} SUCCEEDED" in result.stdout and "predictions int64 [1]" in result.stdout
     missing = cli("result", "0" * 32, "--url", mesh.url)
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+
+def test_runner_with_a_key_prefix_runs_what_a_gateway_with_it_queues(mesh):
+    """The gateway's --async-key-prefix / --async-max-deliveries are the runner's
+    --key-prefix / --max-deliveries: both use the same stream."""
+    prefix = "{custom}:tasks"
+    gateway = ServiceProcess("gateway", [
+        "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
+        "--model-repository", str(MODELS), "--batcher", mesh.batcher.address,
+        "--redis-url", mesh.redis.url, "--async-runners", "0", "--async-key-prefix", prefix,
+        "--async-max-deliveries", "2"], mesh.tmp)
+    gateway.wait_ready()
+    task_runner = runner(mesh, "--key-prefix", prefix, "--max-deliveries", "2")
+    x = rows(1, seed=3)
+    r = redis.Redis.from_url(mesh.redis.url)
+    try:
+        async def run():
+            async with AsyncClient(gateway.address) as client:
+                tid = await client.submit("digits", {"input": x[0]})
+                states = await asyncio.wait_for(
+                    _all(client.watch_task(tid)), 60)
+                return tid, states[-1], await client.infer("digits", {"input": x[0]})
+        tid, final, expected = asyncio.run(run())
+    finally:
+        task_runner.stop()
+        gateway.stop()
+    assert final.state == "SUCCEEDED"
+    np.testing.assert_array_equal(final.result.outputs["predictions"],
+                                  expected.outputs["predictions"])
+    assert r.hget(f"{prefix}:task:{tid}", "finishes") == b"1"
+    assert not r.exists(f"meshserve:tasks:task:{tid}")
+
+
+async def _all(iterator) -> list:
+    return [item async for item in iterator]
+

@@ -28,12 +28,14 @@ class InferRequest(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class InferRequests(_message.Message):
-    __slots__ = ("requests", "cancelled")
+    __slots__ = ("requests", "cancelled", "withdrawn")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedCompositeFieldContainer[InferRequest]
     cancelled: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, requests: _Optional[_Iterable[_Union[InferRequest, _Mapping]]] = ..., cancelled: _Optional[_Iterable[int]] = ...) -> None: ...
+    withdrawn: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, requests: _Optional[_Iterable[_Union[InferRequest, _Mapping]]] = ..., cancelled: _Optional[_Iterable[int]] = ..., withdrawn: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InferResult(_message.Message):
     __slots__ = ("request_id", "code", "message", "outputs", "queue_ns", "compute_ns", "batch_size")
@@ -54,10 +56,12 @@ class InferResult(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., queue_ns: _Optional[int] = ..., compute_ns: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class InferResults(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "received")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[InferResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[InferResult, _Mapping]]] = ...) -> None: ...
+    received: int
+    def __init__(self, results: _Optional[_Iterable[_Union[InferResult, _Mapping]]] = ..., received: _Optional[int] = ...) -> None: ...
 
 class StatisticsRequest(_message.Message):
     __slots__ = ("model", "version")

@@ -38,12 +38,22 @@ class LookupResult(_message.Message):
     def __init__(self, hit: _Optional[bool] = ..., value: _Optional[bytes] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("id", "results")
+    __slots__ = ("id", "results", "invalidated")
     ID_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    INVALIDATED_FIELD_NUMBER: _ClassVar[int]
     id: int
     results: _containers.RepeatedCompositeFieldContainer[LookupResult]
-    def __init__(self, id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[LookupResult, _Mapping]]] = ...) -> None: ...
+    invalidated: _containers.RepeatedCompositeFieldContainer[Invalidated]
+    def __init__(self, id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[LookupResult, _Mapping]]] = ..., invalidated: _Optional[_Iterable[_Union[Invalidated, _Mapping]]] = ...) -> None: ...
+
+class Invalidated(_message.Message):
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class StoreEntry(_message.Message):
     __slots__ = ("key", "value", "generation", "ttl_s")
