@@ -73,8 +73,11 @@ test-deps:
 			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 		else echo "make test needs redis-server on the PATH (apt-get install redis-server)"; exit 1; fi; }
 
+# bench.formats: the model formats (torch.export, AOTInductor, compile, bf16) against
+# TorchScript; several minutes of compiling on CPU.
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench.formats $(BENCH_FORMATS_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check services tests bench models

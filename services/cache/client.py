@@ -1,11 +1,11 @@
 """The gateway's client of the cache service.
 
-One LookupStream and one StoreStream per cache address (keys sharded over addresses by
-digest), each shared by every coroutine: whatever is pending when the stream is free goes
-out as one message, and answers are
-routed back by message id and position. The cache is optional, so lookup() never
-raises (a timeout, a broken stream or an unreachable service give misses with
-generation 0) and store() is fire-and-forget; both reconnect in the background.
+One LookupStream per cache address (keys sharded over addresses by digest), shared by
+every coroutine: whatever is pending when the stream is free (lookups and stores alike)
+goes out as one message, and answers are routed back by message id and position. The
+cache is optional, so lookup() never raises (a timeout, a broken stream or an unreachable
+service give misses with generation 0) and store() is fire-and-forget; the stream
+reconnects in the background.
 
 Arguments and results are the generated messages: meshserve.v1.CacheKey,
 LookupResult, StoreEntry (see protos/meshserve/v1/cache.proto).
@@ -155,7 +155,9 @@ class _Link:
 
 
 class _Shard:
-    """The streams to one cache address: one LookupStream and one StoreStream."""
+    """The stream to one cache address: one LookupStream, whose messages carry both the
+    keys to look up and the entries to store (items: (keys, future, traceparent) for a
+    lookup, (entries, None, "") for a store)."""
 
     def __init__(self, target: str, counters: ClientCounters, hops: dict[str, HopCount],
                  transport: Transport | None = None):
@@ -171,23 +173,27 @@ class _Shard:
         self.lookup_link = _Link(
             "lookup", lambda: self.stub.LookupStream(), self._lookup_message,
             self._lookup_answered, self._lookups_lost, size=lambda item: len(item[0]),
-            sent=hops["gateway->cache lookup"], answered=hops["cache->gateway lookup"],
+            sent=hops["gateway->cache"], answered=hops["cache->gateway"],
             answer_size=lambda response: len(response.results))
-        self.store_link = _Link(
-            "store", lambda: self.stub.StoreStream(), self._store_message,
-            self._store_answered, self._stores_lost, size=len,
-            sent=hops["gateway->cache store"], answered=hops["cache->gateway store"],
-            answer_size=lambda response: 1)
 
     def _lookup_message(self, batch: list, message_id: int) -> cache_pb2.LookupRequest:
-        self._lookups_in_flight[message_id] = [(future, len(keys)) for keys, future, _ in batch]
-        self.counters.lookup_messages += 1
+        lookups = [item for item in batch if item[1] is not None]
         request = cache_pb2.LookupRequest(id=message_id)
-        for keys, _, _ in batch:
-            request.keys.extend(keys)
-        if any(traceparent for _, _, traceparent in batch):
-            for keys, _, traceparent in batch:
-                request.traceparents.extend([traceparent] * len(keys))
+        if lookups:
+            self._lookups_in_flight[message_id] = [(future, len(keys))
+                                                   for keys, future, _ in lookups]
+            self.counters.lookup_messages += 1
+            for keys, _, _ in lookups:
+                request.keys.extend(keys)
+            if any(traceparent for _, _, traceparent in lookups):
+                for keys, _, traceparent in lookups:
+                    request.traceparents.extend([traceparent] * len(keys))
+        if len(lookups) < len(batch):
+            for entries, future, _ in batch:
+                if future is None:
+                    request.stores.extend(entries)
+            self._stores_in_flight[message_id] = len(request.stores)
+            self.counters.store_entries_sent += len(request.stores)
         return request
 
     def _lookup_answered(self, response: cache_pb2.LookupResponse) -> bool:
@@ -195,6 +201,10 @@ class _Shard:
             self.invalidated(notice.model, notice.version)
         if not response.id:
             return False
+        if self._stores_in_flight.pop(response.id, None) is not None:
+            self.counters.stored += response.stored
+            self.counters.skipped += response.skipped
+            self.counters.store_entries_dropped += response.dropped
         waiting = self._lookups_in_flight.pop(response.id, None)
         if waiting is None:
             return True
@@ -215,38 +225,21 @@ class _Shard:
         return True
 
     def _lookups_lost(self, batch: list) -> None:
-        waiting = [future for _, future, _ in batch]
+        waiting = [future for _, future, _ in batch if future is not None]
         for entries in self._lookups_in_flight.values():
             waiting.extend(future for future, _ in entries)
         self._lookups_in_flight.clear()
+        lost = sum(len(entries) for entries, future, _ in batch if future is None)
+        self.counters.store_entries_dropped += lost + sum(self._stores_in_flight.values())
+        self._stores_in_flight.clear()
         for future in waiting:
             if not future.done():
                 future.set_exception(Unavailable("cache stream lost"))
                 future.exception()  # retrieved: a caller that timed out is gone
 
-    def _store_message(self, batch: list, message_id: int) -> cache_pb2.StoreRequest:
-        request = cache_pb2.StoreRequest(id=message_id)
-        for entries in batch:
-            request.entries.extend(entries)
-        self._stores_in_flight[message_id] = len(request.entries)
-        self.counters.store_entries_sent += len(request.entries)
-        return request
-
-    def _store_answered(self, response: cache_pb2.StoreResponse) -> bool:
-        self._stores_in_flight.pop(response.id, None)
-        self.counters.stored += response.stored
-        self.counters.skipped += response.skipped
-        self.counters.store_entries_dropped += response.dropped
-        return True
-
-    def _stores_lost(self, batch: list) -> None:
-        lost = sum(len(entries) for entries in batch) + sum(self._stores_in_flight.values())
-        self._stores_in_flight.clear()
-        self.counters.store_entries_dropped += lost
-
 
 class CacheClient:
-    """lookup() coalesced over one LookupStream; store() over one StoreStream.
+    """lookup() and store() coalesced over one LookupStream per address.
 
     target: one address, a gRPC URI (dns:///name:port: one channel, round_robin), or a
     comma list of addresses: then keys are sharded over them by digest, so a key's
@@ -264,9 +257,8 @@ class CacheClient:
         self.admin_timeout_s = admin_timeout_s
         self.transport = transport
         self.counters = ClientCounters()
-        self.hops = {hop: HopCount() for hop in (
-            "gateway->cache lookup", "cache->gateway lookup", "gateway->cache store",
-            "cache->gateway store")}
+        # keys and entries out, results back
+        self.hops = {hop: HopCount() for hop in ("gateway->cache", "cache->gateway")}
         self._shards: list[_Shard] = []
         self._tasks: list[asyncio.Task] = []
         # What an in-process L1 in front of this client needs to stay exact: every
@@ -282,7 +274,7 @@ class CacheClient:
             shard.invalidated = lambda model, version: self.on_invalidated(model, version)
             shard.lookup_link.state_changed = self._availability_changed
         self._tasks = [asyncio.create_task(link.run()) for shard in self._shards
-                       for link in (shard.lookup_link, shard.store_link)]
+                       for link in (shard.lookup_link,)]
         await asyncio.sleep(0)  # let the streams open
 
     async def close(self) -> None:
@@ -378,17 +370,18 @@ class CacheClient:
 
     # stores
     def store(self, entries: Sequence[cache_pb2.StoreEntry]) -> None:
-        """Queues entries for the StoreStream; dropped (counted) when it is down."""
+        """Queues entries for the next lookup message; dropped (counted) when the stream
+        is down."""
         entries = [e for e in entries if _valid(e.key)]
         by_shard: dict[int, tuple[_Shard | None, list]] = {}
         for e in entries:
             shard = self._shard(e.key)
             by_shard.setdefault(id(shard), (shard, []))[1].append(e)
         for shard, group in by_shard.values():
-            link = shard.store_link if shard is not None else None
+            link = shard.lookup_link if shard is not None else None
             if (link is None
                     or link.pending_size() + len(group) > MAX_PENDING_STORE_ENTRIES
-                    or not link.submit(group)):
+                    or not link.submit((group, None, ""))):
                 self.counters.store_entries_dropped += len(group)
 
     def store_one(self, entry: cache_pb2.StoreEntry) -> None:
@@ -396,9 +389,9 @@ class CacheClient:
         if not _valid(entry.key):
             return
         shard = self._shard(entry.key)
-        link = shard.store_link if shard is not None else None
+        link = shard.lookup_link if shard is not None else None
         if (link is None or link.pending_size() >= MAX_PENDING_STORE_ENTRIES
-                or not link.submit([entry])):
+                or not link.submit(([entry], None, ""))):
             self.counters.store_entries_dropped += 1
 
     # admin (unary)

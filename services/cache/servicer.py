@@ -49,17 +49,27 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
         self._lookup_streams: set[Callable[[cache_pb2.LookupResponse], None]] = set()
 
     async def _lookup(self, request: cache_pb2.LookupRequest) -> cache_pb2.LookupResponse:
-        start_ns = time.time_ns()
-        results = await self.cache.lookup([_key(k) for k in request.keys])
-        if request.traceparents:
-            trace_lookups(request, results, start_ns)
-        return cache_pb2.LookupResponse(id=request.id, results=[
-            cache_pb2.LookupResult(hit=r.hit, value=r.value, generation=r.generation)
-            for r in results])
+        response = cache_pb2.LookupResponse(id=request.id)
+        if request.stores:
+            outcome = await self._store_entries(request.stores)
+            response.stored, response.skipped, response.dropped = (
+                outcome.stored, outcome.skipped, outcome.dropped)
+        if request.keys:
+            start_ns = time.time_ns()
+            results = await self.cache.lookup([_key(k) for k in request.keys])
+            if request.traceparents:
+                trace_lookups(request, results, start_ns)
+            response.results.extend([
+                cache_pb2.LookupResult(hit=r.hit, value=r.value, generation=r.generation)
+                for r in results])
+        return response
+
+    async def _store_entries(self, entries):
+        return await self.cache.store([
+            Entry(_key(e.key), e.value, e.generation, e.ttl_s) for e in entries])
 
     async def _store(self, request: cache_pb2.StoreRequest) -> cache_pb2.StoreResponse:
-        outcome = await self.cache.store([
-            Entry(_key(e.key), e.value, e.generation, e.ttl_s) for e in request.entries])
+        outcome = await self._store_entries(request.entries)
         return cache_pb2.StoreResponse(id=request.id, stored=outcome.stored,
                                        skipped=outcome.skipped, dropped=outcome.dropped)
 

@@ -203,5 +203,9 @@ def from_args(argv: list[str] | None = None) -> Settings:
     f.add("--max-concurrent-requests", int, d.max_concurrent_requests,
           "inferences in progress at once; past it RESOURCE_EXHAUSTED at once")
     a = f.parse(argv)
-    return Settings(**{k: getattr(a, k) for k in Settings.__dataclass_fields__ if k != "transport"},
-                    transport=transport.from_args(f, a))
+    try:
+        return Settings(**{k: getattr(a, k) for k in Settings.__dataclass_fields__
+                           if k != "transport"}, transport=transport.from_args(f, a))
+    except ConfigError as e:
+        f.parser.error(str(e))  # the usage and one line, no traceback
+        raise  # unreachable: error() exits

@@ -224,9 +224,10 @@ def test_typed_contents_accepted(mesh):
 
 
 def test_one_millisecond_deadline(client):
+    # 0.1 ms: a whole mesh round trip can now take under 1 ms on an idle machine.
     with pytest.raises(InferenceServerException) as e:
         client.infer("digits", [infer_input(np.random.rand(64, 64).astype(np.float32))],
-                     client_timeout=0.001, parameters={"cache": False})
+                     client_timeout=0.0001, parameters={"cache": False})
     assert status_of(e) == "StatusCode.DEADLINE_EXCEEDED"
 
 

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from meshserve.pb.meshserve.v1 import tensor_pb2 as meshserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x18meshserve/v1/cache.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/tensor.proto\":\n\x08\x43\x61\x63heKey\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\"W\n\rLookupRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12$\n\x04keys\x18\x02 \x03(\x0b\x32\x16.meshserve.v1.CacheKey\x12\x14\n\x0ctraceparents\x18\x03 \x03(\t\">\n\x0cLookupResult\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x12\n\ngeneration\x18\x03 \x01(\x04\"y\n\x0eLookupResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.meshserve.v1.LookupResult\x12.\n\x0binvalidated\x18\x03 \x03(\x0b\x32\x19.meshserve.v1.Invalidated\"-\n\x0bInvalidated\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"c\n\nStoreEntry\x12#\n\x03key\x18\x01 \x01(\x0b\x32\x16.meshserve.v1.CacheKey\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\r\n\x05ttl_s\x18\x04 \x01(\r\"E\n\x0cStoreRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12)\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x18.meshserve.v1.StoreEntry\"M\n\rStoreResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\r\x12\x0f\n\x07skipped\x18\x03 \x01(\r\x12\x0f\n\x07\x64ropped\x18\x04 \x01(\r\"3\n\x11InvalidateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"%\n\x12InvalidateResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x04\"\x0e\n\x0cStatsRequest\"\x91\x01\n\rStatsResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0c\n\x04hits\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\x12\x0e\n\x06stores\x18\x05 \x01(\x04\x12\x11\n\ttoo_large\x18\x06 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x07 \x01(\x04\x12\r\n\x05\x62ytes\x18\x08 \x01(\x04\"6\n\rCachedOutputs\x12%\n\x07outputs\x18\x01 \x03(\x0b\x32\x14.meshserve.v1.Tensor\"0\n\x0b\x43\x61\x63heRecord\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\x0c\x32\xc8\x03\n\x05\x43\x61\x63he\x12\x45\n\x06Lookup\x12\x1b.meshserve.v1.LookupRequest\x1a\x1c.meshserve.v1.LookupResponse\"\x00\x12\x42\n\x05Store\x12\x1a.meshserve.v1.StoreRequest\x1a\x1b.meshserve.v1.StoreResponse\"\x00\x12O\n\x0cLookupStream\x12\x1b.meshserve.v1.LookupRequest\x1a\x1c.meshserve.v1.LookupResponse\"\x00(\x01\x30\x01\x12L\n\x0bStoreStream\x12\x1a.meshserve.v1.StoreRequest\x1a\x1b.meshserve.v1.StoreResponse\"\x00(\x01\x30\x01\x12Q\n\nInvalidate\x12\x1f.meshserve.v1.InvalidateRequest\x1a .meshserve.v1.InvalidateResponse\"\x00\x12\x42\n\x05Stats\x12\x1a.meshserve.v1.StatsRequest\x1a\x1b.meshserve.v1.StatsResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x18meshserve/v1/cache.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/tensor.proto\":\n\x08\x43\x61\x63heKey\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\"\x81\x01\n\rLookupRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12$\n\x04keys\x18\x02 \x03(\x0b\x32\x16.meshserve.v1.CacheKey\x12\x14\n\x0ctraceparents\x18\x03 \x03(\t\x12(\n\x06stores\x18\x04 \x03(\x0b\x32\x18.meshserve.v1.StoreEntry\">\n\x0cLookupResult\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x12\n\ngeneration\x18\x03 \x01(\x04\"\xab\x01\n\x0eLookupResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.meshserve.v1.LookupResult\x12.\n\x0binvalidated\x18\x03 \x03(\x0b\x32\x19.meshserve.v1.Invalidated\x12\x0e\n\x06stored\x18\x04 \x01(\r\x12\x0f\n\x07skipped\x18\x05 \x01(\r\x12\x0f\n\x07\x64ropped\x18\x06 \x01(\r\"-\n\x0bInvalidated\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"c\n\nStoreEntry\x12#\n\x03key\x18\x01 \x01(\x0b\x32\x16.meshserve.v1.CacheKey\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\r\n\x05ttl_s\x18\x04 \x01(\r\"E\n\x0cStoreRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12)\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x18.meshserve.v1.StoreEntry\"M\n\rStoreResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\r\x12\x0f\n\x07skipped\x18\x03 \x01(\r\x12\x0f\n\x07\x64ropped\x18\x04 \x01(\r\"3\n\x11InvalidateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"%\n\x12InvalidateResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x04\"\x0e\n\x0cStatsRequest\"\x91\x01\n\rStatsResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0c\n\x04hits\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x04\x12\x0e\n\x06stores\x18\x05 \x01(\x04\x12\x11\n\ttoo_large\x18\x06 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x07 \x01(\x04\x12\r\n\x05\x62ytes\x18\x08 \x01(\x04\"6\n\rCachedOutputs\x12%\n\x07outputs\x18\x01 \x03(\x0b\x32\x14.meshserve.v1.Tensor\"0\n\x0b\x43\x61\x63heRecord\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\x0c\x32\xc8\x03\n\x05\x43\x61\x63he\x12\x45\n\x06Lookup\x12\x1b.meshserve.v1.LookupRequest\x1a\x1c.meshserve.v1.LookupResponse\"\x00\x12\x42\n\x05Store\x12\x1a.meshserve.v1.StoreRequest\x1a\x1b.meshserve.v1.StoreResponse\"\x00\x12O\n\x0cLookupStream\x12\x1b.meshserve.v1.LookupRequest\x1a\x1c.meshserve.v1.LookupResponse\"\x00(\x01\x30\x01\x12L\n\x0bStoreStream\x12\x1a.meshserve.v1.StoreRequest\x1a\x1b.meshserve.v1.StoreResponse\"\x00(\x01\x30\x01\x12Q\n\nInvalidate\x12\x1f.meshserve.v1.InvalidateRequest\x1a .meshserve.v1.InvalidateResponse\"\x00\x12\x42\n\x05Stats\x12\x1a.meshserve.v1.StatsRequest\x1a\x1b.meshserve.v1.StatsResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,32 +35,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CACHEKEY']._serialized_start=69
   _globals['_CACHEKEY']._serialized_end=127
-  _globals['_LOOKUPREQUEST']._serialized_start=129
-  _globals['_LOOKUPREQUEST']._serialized_end=216
-  _globals['_LOOKUPRESULT']._serialized_start=218
-  _globals['_LOOKUPRESULT']._serialized_end=280
-  _globals['_LOOKUPRESPONSE']._serialized_start=282
-  _globals['_LOOKUPRESPONSE']._serialized_end=403
-  _globals['_INVALIDATED']._serialized_start=405
-  _globals['_INVALIDATED']._serialized_end=450
-  _globals['_STOREENTRY']._serialized_start=452
-  _globals['_STOREENTRY']._serialized_end=551
-  _globals['_STOREREQUEST']._serialized_start=553
-  _globals['_STOREREQUEST']._serialized_end=622
-  _globals['_STORERESPONSE']._serialized_start=624
-  _globals['_STORERESPONSE']._serialized_end=701
-  _globals['_INVALIDATEREQUEST']._serialized_start=703
-  _globals['_INVALIDATEREQUEST']._serialized_end=754
-  _globals['_INVALIDATERESPONSE']._serialized_start=756
-  _globals['_INVALIDATERESPONSE']._serialized_end=793
-  _globals['_STATSREQUEST']._serialized_start=795
-  _globals['_STATSREQUEST']._serialized_end=809
-  _globals['_STATSRESPONSE']._serialized_start=812
-  _globals['_STATSRESPONSE']._serialized_end=957
-  _globals['_CACHEDOUTPUTS']._serialized_start=959
-  _globals['_CACHEDOUTPUTS']._serialized_end=1013
-  _globals['_CACHERECORD']._serialized_start=1015
-  _globals['_CACHERECORD']._serialized_end=1063
-  _globals['_CACHE']._serialized_start=1066
-  _globals['_CACHE']._serialized_end=1522
+  _globals['_LOOKUPREQUEST']._serialized_start=130
+  _globals['_LOOKUPREQUEST']._serialized_end=259
+  _globals['_LOOKUPRESULT']._serialized_start=261
+  _globals['_LOOKUPRESULT']._serialized_end=323
+  _globals['_LOOKUPRESPONSE']._serialized_start=326
+  _globals['_LOOKUPRESPONSE']._serialized_end=497
+  _globals['_INVALIDATED']._serialized_start=499
+  _globals['_INVALIDATED']._serialized_end=544
+  _globals['_STOREENTRY']._serialized_start=546
+  _globals['_STOREENTRY']._serialized_end=645
+  _globals['_STOREREQUEST']._serialized_start=647
+  _globals['_STOREREQUEST']._serialized_end=716
+  _globals['_STORERESPONSE']._serialized_start=718
+  _globals['_STORERESPONSE']._serialized_end=795
+  _globals['_INVALIDATEREQUEST']._serialized_start=797
+  _globals['_INVALIDATEREQUEST']._serialized_end=848
+  _globals['_INVALIDATERESPONSE']._serialized_start=850
+  _globals['_INVALIDATERESPONSE']._serialized_end=887
+  _globals['_STATSREQUEST']._serialized_start=889
+  _globals['_STATSREQUEST']._serialized_end=903
+  _globals['_STATSRESPONSE']._serialized_start=906
+  _globals['_STATSRESPONSE']._serialized_end=1051
+  _globals['_CACHEDOUTPUTS']._serialized_start=1053
+  _globals['_CACHEDOUTPUTS']._serialized_end=1107
+  _globals['_CACHERECORD']._serialized_start=1109
+  _globals['_CACHERECORD']._serialized_end=1157
+  _globals['_CACHE']._serialized_start=1160
+  _globals['_CACHE']._serialized_end=1616
 # @@protoc_insertion_point(module_scope)

@@ -18,14 +18,16 @@ class CacheKey(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., digest: _Optional[bytes] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("id", "keys", "traceparents")
+    __slots__ = ("id", "keys", "traceparents", "stores")
     ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENTS_FIELD_NUMBER: _ClassVar[int]
+    STORES_FIELD_NUMBER: _ClassVar[int]
     id: int
     keys: _containers.RepeatedCompositeFieldContainer[CacheKey]
     traceparents: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[CacheKey, _Mapping]]] = ..., traceparents: _Optional[_Iterable[str]] = ...) -> None: ...
+    stores: _containers.RepeatedCompositeFieldContainer[StoreEntry]
+    def __init__(self, id: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[CacheKey, _Mapping]]] = ..., traceparents: _Optional[_Iterable[str]] = ..., stores: _Optional[_Iterable[_Union[StoreEntry, _Mapping]]] = ...) -> None: ...
 
 class LookupResult(_message.Message):
     __slots__ = ("hit", "value", "generation")
@@ -38,14 +40,20 @@ class LookupResult(_message.Message):
     def __init__(self, hit: _Optional[bool] = ..., value: _Optional[bytes] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("id", "results", "invalidated")
+    __slots__ = ("id", "results", "invalidated", "stored", "skipped", "dropped")
     ID_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     INVALIDATED_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     id: int
     results: _containers.RepeatedCompositeFieldContainer[LookupResult]
     invalidated: _containers.RepeatedCompositeFieldContainer[Invalidated]
-    def __init__(self, id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[LookupResult, _Mapping]]] = ..., invalidated: _Optional[_Iterable[_Union[Invalidated, _Mapping]]] = ...) -> None: ...
+    stored: int
+    skipped: int
+    dropped: int
+    def __init__(self, id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[LookupResult, _Mapping]]] = ..., invalidated: _Optional[_Iterable[_Union[Invalidated, _Mapping]]] = ..., stored: _Optional[int] = ..., skipped: _Optional[int] = ..., dropped: _Optional[int] = ...) -> None: ...
 
 class Invalidated(_message.Message):
     __slots__ = ("model", "version")
