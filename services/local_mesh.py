@@ -45,7 +45,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from meshserve.common.settings import Flags
+from meshserve.common.settings import Flags, parse_bool
 
 COLORS = {"cache": 36, "worker": 33, "batcher": 35, "gateway": 32, "up": 1}
 
@@ -134,6 +134,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
           "state of every service (-1: none; default: --metrics-port + 1, i.e. 8003, none "
           "when --metrics-port is -1, any free port when it is 0)",
           env="MESHSERVE_UP_METRICS_PORT")
+    f.add("--api-keys-file", str, "", "API keys of the gateways (`meshserve keys add`); up's "
+          "own calls then use the admin key in MESHSERVE_API_KEY", env="MESHSERVE_UP_API_KEYS_FILE")
+    f.parser.add_argument(
+        "--insecure", action="store_true",
+        default=parse_bool(f.env.get("MESHSERVE_UP_INSECURE", "false")),
+        help="let the gateways serve a non-loopback --host without API keys: anyone reaching "
+             "it may infer, load, unload and reroute [env MESHSERVE_UP_INSECURE]")
     f.add("--restart-limit", int, RESTART_LIMIT, "quick crashes in a row (each within "
           f"{QUICK_CRASH_S:.0f}s of its start) before giving up on a service",
           env="MESHSERVE_UP_RESTART_LIMIT")
@@ -143,6 +150,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if args.gateways < 1 or args.batchers < 1 or args.workers < 0 or args.restart_limit < 0:
         f.parser.error("--gateways and --batchers must be >= 1, --workers and "
                        "--restart-limit >= 0")
+    if args.api_keys_file and not Path(args.api_keys_file).is_file():
+        f.parser.error(f"--api-keys-file {args.api_keys_file}: no such file (make one with "
+                       "`meshserve keys add`)")
     if args.tls_dir:
         missing = [n for n in TLS_FILES if not (Path(args.tls_dir) / n).is_file()]
         if missing:
@@ -636,11 +646,13 @@ async def run(args: argparse.Namespace) -> int:
     if problem:
         say(problem)
         return 1
+    access = (("--api-keys-file", str(Path(args.api_keys_file).resolve()))
+              if args.api_keys_file else ()) + (("--insecure",) if args.insecure else ())
     mesh = LocalMesh(args.model_repository, devices(args.devices, args.workers),
                      args.redis_url, args.host, args.port, args.metrics_port, args.log_level,
                      gateways=args.gateways, tls_dir=args.tls_dir,
                      restart_limit=args.restart_limit, http_port=args.http_port,
-                     batchers=args.batchers)
+                     batchers=args.batchers, gateway_flags=access)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -700,10 +712,20 @@ async def load_models(target: str, repo: str, tls_dir: str = "", out=None) -> No
     from meshserve.client import AsyncClient
 
     tls = {"tls_ca": str(Path(tls_dir) / "ca.crt")} if tls_dir else {}
-    async with AsyncClient(target, **tls) as client:
+    api_key = os.environ.get("MESHSERVE_API_KEY", "")
+    async with AsyncClient(target, api_key=api_key, **tls) as client:
         # The batcher loaded them (--load all); loading a READY model again would reload it.
         states: dict[str, set[str]] = {}
-        for m in (await client.index()).models:
+        try:
+            index = await client.index()
+        except grpc.aio.AioRpcError as e:
+            if e.code() not in (grpc.StatusCode.UNAUTHENTICATED,
+                                grpc.StatusCode.PERMISSION_DENIED):
+                raise
+            say("models: loaded by the batcher (--load all); up cannot list them without an "
+                "admin key in MESHSERVE_API_KEY", out)
+            return
+        for m in index.models:
             states.setdefault(m.name, set()).add(m.state)
         for name in sorted(p.parent.name for p in Path(repo).glob("*/config.json")):
             if states.get(name) == {"READY"}:

@@ -168,3 +168,34 @@ def test_up_without_its_model_repository_says_so_in_one_line(tmp_path):
     assert result.stdout.splitlines() == [
         f"       up | --model-repository {tmp_path / 'none'}: no such folder; nothing was "
         "started"]
+
+
+def test_up_on_a_public_address_serves_with_the_keys_it_is_given(tmp_path, monkeypatch):
+    """A gateway refuses a non-loopback address without keys; `up --api-keys-file` gives
+    them, and up's own calls use the admin key in MESHSERVE_API_KEY."""
+    import hashlib
+    import json
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{
+        "name": "ops", "sha256": hashlib.sha256(b"k-admin").hexdigest(), "models": ["*"],
+        "scopes": ["infer", "admin"]}]}))
+    monkeypatch.setenv("MESHSERVE_API_KEY", "k-admin")
+    up = Up(tmp_path, "--host", "0.0.0.0", "--api-keys-file", str(keys))
+    try:
+        up.wait_for("meshserve is serving")
+        assert "model 'digits' loaded" in up.text()
+        x = np.zeros((1, 64), np.float32)
+
+        async def calls() -> None:
+            async with AsyncClient(up.url) as anonymous:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await anonymous.infer("digits", {"input": x}, timeout_s=30)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            async with AsyncClient(up.url, api_key="k-admin") as client:
+                r = await client.infer("digits", {"input": x}, timeout_s=30)
+                assert r.outputs["predictions"].shape == (1,)
+
+        asyncio.run(calls())
+    finally:
+        up.kill_all()
