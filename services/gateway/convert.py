@@ -76,11 +76,12 @@ def check_bounds(request: pb.ModelInferRequest) -> None:
             if len(t.name) > MAX_NAME_CHARS:
                 raise _too_long(f"the name of one of the {kind}", t.name, MAX_NAME_CHARS)
             _check_parameters(f"{kind[:-1]} '{t.name}'", t.parameters)
-    for t in request.inputs:
-        if len(t.shape) > MAX_DIMS:
-            raise InvalidInput(f"input '{t.name}': {len(t.shape)} dimensions, at most {MAX_DIMS}")
-        if len(t.datatype) > MAX_NAME_CHARS:
-            raise _too_long(f"input '{t.name}': datatype", t.datatype, MAX_NAME_CHARS)
+            if kind == "inputs":
+                if len(t.shape) > MAX_DIMS:
+                    raise InvalidInput(
+                        f"input '{t.name}': {len(t.shape)} dimensions, at most {MAX_DIMS}")
+                if len(t.datatype) > MAX_NAME_CHARS:
+                    raise _too_long(f"input '{t.name}': datatype", t.datatype, MAX_NAME_CHARS)
 
 
 def param_value(p: pb.InferParameter) -> object:

@@ -205,6 +205,13 @@ class Catalog:
         return entry.config, version
 
 
+def _wire(inputs) -> list[tensor_pb2.Tensor]:
+    """The batcher's tensors, built only for a request that goes to the batcher (an L1 hit
+    never needs them)."""
+    return [tensor_pb2.Tensor(name=t.name, datatype=t.datatype, shape=t.shape, data=t.data)
+            for t in inputs]
+
+
 class Gateway:
     def __init__(self, repository: ModelRepository, batcher, cache=None,
                  cache_timeout_s: float = 0.05, control=None, l1: L1Cache | None = None):
@@ -277,8 +284,6 @@ class Gateway:
         cache_key = None
         generation = 0
         l1, epoch = self.l1, None
-        inputs = [tensor_pb2.Tensor(name=t.name, datatype=t.datatype, shape=t.shape, data=t.data)
-                  for t in call.inputs]
         sent = None  # the batcher request sent while the cache answers
         if self.cache is not None and config.cache.enabled and call.use_cache:
             started = time.perf_counter_ns()
@@ -303,7 +308,7 @@ class Gateway:
             # at once instead of after the answer (one hop less of latency); a hit then
             # withdraws it.
             if counts.hit_rate < SPECULATE_BELOW_HIT_RATE:
-                sent = self.batcher.send(config.name, version, inputs, output_names,
+                sent = self.batcher.send(config.name, version, _wire(call.inputs), output_names,
                                          call.priority, call.timeout_s)
             try:
                 result = await self.cache.lookup_one(cache_key)
@@ -331,8 +336,8 @@ class Gateway:
         if sent is not None:
             result = await self.batcher.result(sent)
         else:
-            result = await self.batcher.infer(config.name, version, inputs, output_names,
-                                              call.priority, call.timeout_s)
+            result = await self.batcher.infer(config.name, version, _wire(call.inputs),
+                                              output_names, call.priority, call.timeout_s)
         by_name = {t.name: t for t in result.outputs}
         try:
             outputs = [by_name[name] for name in output_names]
