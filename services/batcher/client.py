@@ -21,7 +21,7 @@ from meshserve.common import grpcutil, tracing
 from meshserve.common.errors import DeadlineExceeded, MeshError, Unavailable
 from meshserve.common.hops import HopCount
 from meshserve.common.transport import Transport
-from meshserve.pb.meshserve.v1 import batcher_pb2, batcher_pb2_grpc, tensor_pb2
+from meshserve.pb.meshserve.v1 import batcher_pb2, batcher_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ class _Stream:
         self.target = target
         self.sent, self.received = sent, received  # requests out, results back
         self.pending: dict[int, asyncio.Future] = {}
-        self._requests: list[batcher_pb2.InferRequest] = []
+        # The next message, its requests built in place (see add): no copy of them.
+        self._message = batcher_pb2.InferRequests()
         self._cancelled: list[int] = []
         self._withdrawn: list[int] = []
         self._wake = asyncio.Event()
@@ -55,10 +56,30 @@ class _Stream:
         self._call = stub.Infer(self._outgoing())
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
-    def send(self, request: batcher_pb2.InferRequest, future: asyncio.Future) -> None:
-        self.pending[request.request_id] = future
-        self._requests.append(request)
+    def add(self, request_id: int, future: asyncio.Future, model: str, version: str,
+            inputs, outputs: list[str], priority: int, timeout_us: int,
+            traceparent: str) -> batcher_pb2.InferRequest:
+        """A request built straight into the next message: each input's bytes are copied
+        once, into it (no Tensor or InferRequest of its own to copy again)."""
+        request = self._message.requests.add(
+            request_id=request_id, model=model, version=version, outputs=outputs,
+            priority=priority, timeout_us=timeout_us, traceparent=traceparent)
+        add = request.inputs.add
+        for t in inputs:
+            add(name=t.name, datatype=t.datatype, shape=t.shape, data=t.data)
+        self.pending[request_id] = future
         self._wake.set()
+        return request
+
+    def resend(self, request_id: int, future: asyncio.Future,
+               request: batcher_pb2.InferRequest) -> batcher_pb2.InferRequest:
+        """A request another stream's batcher refused, sent again on this one."""
+        copy = self._message.requests.add()
+        copy.CopyFrom(request)
+        copy.request_id = request_id
+        self.pending[request_id] = future
+        self._wake.set()
+        return copy
 
     def cancel(self, request_id: int, withdrawn: bool = False) -> None:
         if self.pending.pop(request_id, None) is not None and self.alive:
@@ -67,15 +88,18 @@ class _Stream:
 
     async def _outgoing(self):
         while True:
-            while (not self._requests and not self._cancelled and not self._withdrawn) or (
+            while (not self._message.requests and not self._cancelled
+                   and not self._withdrawn) or (
                     self._acks_seen and self._unacked >= MAX_UNACKED_MESSAGES):
                 self._wake.clear()
                 await self._wake.wait()
-            message = batcher_pb2.InferRequests(requests=self._requests, cancelled=self._cancelled,
-                                                withdrawn=self._withdrawn)
-            self.sent.add(len(self._requests))
+            message = self._message
+            message.cancelled.extend(self._cancelled)
+            message.withdrawn.extend(self._withdrawn)
+            self.sent.add(len(message.requests))
             self._unacked += 1
-            self._requests, self._cancelled, self._withdrawn = [], [], []
+            self._message = batcher_pb2.InferRequests()
+            self._cancelled, self._withdrawn = [], []
             yield message
 
     async def _read(self) -> None:
@@ -182,35 +206,41 @@ class BatcherClient:
                                                 self.received)
         return stream
 
-    async def infer(self, model: str, version: str, inputs: list[tensor_pb2.Tensor],
-                    outputs: list[str], priority: int = 0,
-                    timeout_s: float | None = None) -> batcher_pb2.InferResult:
+    async def infer(self, model: str, version: str, inputs, outputs: list[str],
+                    priority: int = 0, timeout_s: float | None = None
+                    ) -> batcher_pb2.InferResult:
         """One request through a shared stream; raises the domain error of its result.
         A request a draining batcher refused (never queued) goes out again on another
         stream, which the channel opens to another batcher."""
         return await self.result(self.send(model, version, inputs, outputs, priority,
                                            timeout_s))
 
-    def send(self, model: str, version: str, inputs: list[tensor_pb2.Tensor],
-             outputs: list[str], priority: int = 0, timeout_s: float | None = None) -> Sent:
-        """Sends a request now; `await result(sent)` for its result, or `cancel(sent)`."""
-        request = batcher_pb2.InferRequest(
-            model=model, version=version, inputs=inputs, outputs=outputs, priority=priority,
-            timeout_us=max(1, int(timeout_s * 1e6)) if timeout_s else 0,
-            traceparent=tracing.current_traceparent(),  # the caller's trace context
-        )
-        return self._send(request, timeout_s)
-
-    def _send(self, request: batcher_pb2.InferRequest, timeout_s: float | None) -> Sent:
-        request.request_id = next(self._ids)
+    def send(self, model: str, version: str, inputs, outputs: list[str], priority: int = 0,
+             timeout_s: float | None = None) -> Sent:
+        """Sends a request now; `await result(sent)` for its result, or `cancel(sent)`.
+        inputs: tensors with name, datatype, shape and data (bytes), e.g. the gateway's
+        InputTensor records or meshserve.v1 Tensors."""
         stream = self._stream()
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        stream.send(request, future)
+        future = asyncio.get_running_loop().create_future()
+        request = stream.add(
+            next(self._ids), future, model, version, inputs, outputs, priority,
+            max(1, int(timeout_s * 1e6)) if timeout_s else 0,
+            tracing.current_traceparent())  # the caller's trace context
+        return self._sent(request, timeout_s, stream, future)
+
+    def _sent(self, request: batcher_pb2.InferRequest, timeout_s: float | None,
+              stream: _Stream, future: asyncio.Future) -> Sent:
         # The batcher answers DEADLINE_EXCEEDED itself; this timer only bounds a stuck hop
         # (a timer on the future costs less than wait_for's extra task per request).
-        timer = loop.call_later(timeout_s + 1.0, _expire, future, timeout_s) if timeout_s else None
+        timer = (asyncio.get_running_loop().call_later(timeout_s + 1.0, _expire, future,
+                                                       timeout_s) if timeout_s else None)
         return Sent(request, timeout_s, stream, future, timer)
+
+    def _resend(self, sent: Sent) -> Sent:
+        stream = self._stream()
+        future = asyncio.get_running_loop().create_future()
+        request = stream.resend(next(self._ids), future, sent.request)
+        return self._sent(request, sent.timeout_s, stream, future)
 
     def cancel(self, sent: Sent) -> None:
         """The caller no longer needs the result: the batcher drops the request (not
@@ -236,7 +266,7 @@ class BatcherClient:
                     and retries > 0):
                 sent.stream.draining = True
                 retries -= 1
-                sent = self._send(sent.request, sent.timeout_s)
+                sent = self._resend(sent)
                 continue
             if result.code != 0:
                 raise grpcutil.error_from_code(result.code, result.message)
