@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 
@@ -44,7 +45,7 @@ class _Stream:
         self.sent, self.received = sent, received  # requests out, results back
         self.pending: dict[int, asyncio.Future] = {}
         # The next message, its requests built in place (see add): no copy of them.
-        self._message = batcher_pb2.InferRequests()
+        self._message = batcher_pb2.InferRequests(result_blocks=True)
         self._cancelled: list[int] = []
         self._withdrawn: list[int] = []
         self._wake = asyncio.Event()
@@ -98,7 +99,7 @@ class _Stream:
             message.withdrawn.extend(self._withdrawn)
             self.sent.add(len(message.requests))
             self._unacked += 1
-            self._message = batcher_pb2.InferRequests()
+            self._message = batcher_pb2.InferRequests(result_blocks=True)
             self._cancelled, self._withdrawn = [], []
             yield message
 
@@ -111,10 +112,13 @@ class _Stream:
                     self._acks_seen = True
                     self._unacked = max(0, self._unacked - message.received)
                     self._wake.set()
+                pending = self.pending
                 for r in message.results:
-                    future = self.pending.pop(r.request_id, None)
+                    future = pending.pop(r.request_id, None)
                     if future is not None and not future.done():
                         future.set_result(r)
+                for b in message.blocks:
+                    deliver_block(b, pending, self.target)
         except grpc.aio.AioRpcError as e:
             error = grpcutil.error_from_rpc(e, f"the batcher at {self.target}")
             if not isinstance(error, Unavailable):
@@ -348,6 +352,90 @@ class BatcherClient:
 
     async def model_states(self, model: str = "") -> batcher_pb2.ModelStatesResponse:
         return await self._unary("ModelStates", batcher_pb2.ModelStatesRequest(model=model))
+
+
+def deliver_block(b: batcher_pb2.ResultBlock, pending: dict[int, asyncio.Future],
+                  target: str) -> None:
+    """Each pending request of a block gets its rows of the block's outputs (sliced when
+    its response is built); a block that does not add up fails its requests."""
+    futures = [pending.pop(request_id, None) for request_id in b.request_ids]
+    try:
+        block = _Block(b)
+    except ValueError as e:
+        error = Unavailable(f"the batcher at {target} sent a bad result block: {e}")
+        for future in futures:
+            if future is not None and not future.done():
+                future.set_exception(error)
+        return
+    row = 0
+    for future, rows, queue_ns in zip(futures, b.rows or (0,), b.queue_ns, strict=True):
+        if future is not None and not future.done():
+            future.set_result(BlockResult(block, row, rows, queue_ns))
+        row += rows
+
+
+class Output(NamedTuple):
+    """One output of a request's result: raw row-major little-endian bytes."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+class _Block:
+    """A ResultBlock's outputs, read once for all its requests: (name, datatype, shape
+    past dimension 0, bytes, bytes per row)."""
+
+    __slots__ = ("tensors", "batched", "compute_ns", "batch_size")
+
+    def __init__(self, b: batcher_pb2.ResultBlock):
+        self.compute_ns, self.batch_size = b.compute_ns, b.batch_size
+        self.batched = bool(b.rows)
+        n = len(b.request_ids)
+        if len(b.queue_ns) != n or (b.rows and len(b.rows) != n) or (not b.rows and n != 1):
+            raise ValueError(f"{n} requests, {len(b.rows)} row counts, "
+                             f"{len(b.queue_ns)} queue times")
+        rows = sum(b.rows)
+        self.tensors = []
+        for t in b.outputs:
+            shape, data = tuple(t.shape), t.data
+            if not self.batched:
+                self.tensors.append(Output(t.name, t.datatype, shape, data))
+                continue
+            if not shape or shape[0] != rows or len(data) % max(rows, 1):
+                raise ValueError(f"output '{t.name}' has shape {list(shape)} and "
+                                 f"{len(data)} bytes for {rows} rows")
+            self.tensors.append((t.name, t.datatype, shape[1:], data, len(data) // max(rows, 1)))
+
+
+class BlockResult:
+    """One request's result out of a ResultBlock (what InferResult carries otherwise)."""
+
+    __slots__ = ("block", "row", "rows", "queue_ns")
+    code = 0
+    message = ""
+
+    def __init__(self, block: _Block, row: int, rows: int, queue_ns: int):
+        self.block, self.row, self.rows, self.queue_ns = block, row, rows, queue_ns
+
+    @property
+    def compute_ns(self) -> int:
+        return self.block.compute_ns
+
+    @property
+    def batch_size(self) -> int:
+        return self.block.batch_size
+
+    @property
+    def outputs(self) -> list[Output]:
+        block = self.block
+        if not block.batched:
+            return block.tensors
+        start, rows = self.row, self.rows
+        return [Output(name, datatype, (rows, *inner),
+                       data[start * per_row:(start + rows) * per_row])
+                for name, datatype, inner, data, per_row in block.tensors]
 
 
 @dataclass(slots=True)

@@ -32,7 +32,7 @@ from meshserve.common.validation import (
 )
 from meshserve.gateway.l1 import L1Cache
 from meshserve.gateway.routing import LoadTracker
-from meshserve.pb.meshserve.v1 import batcher_pb2, cache_pb2, tensor_pb2
+from meshserve.pb.meshserve.v1 import batcher_pb2, cache_pb2
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class InferCall:
 @dataclass(frozen=True, slots=True)
 class InferOutcome:
     version: str
-    outputs: Sequence[tensor_pb2.Tensor]
+    outputs: Sequence  # records with name, datatype, shape, data (meshserve.v1 Tensor alike)
     cache_hit: bool
     queue_ns: int = 0
     compute_ns: int = 0
@@ -104,6 +104,15 @@ def _cached(value: bytes, output_names: list[str], version: str, model: str
     if not all(name in cached for name in output_names):
         return None
     return InferOutcome(version, [cached[n] for n in output_names], cache_hit=True, model=model)
+
+
+def _cached_value(outputs) -> bytes:
+    """A cache entry of outputs (records with name, datatype, shape, data)."""
+    cached = cache_pb2.CachedOutputs()
+    add = cached.outputs.add
+    for t in outputs:
+        add(name=t.name, datatype=t.datatype, shape=t.shape, data=t.data)
+    return cached.SerializeToString()
 
 
 class Catalog:
@@ -337,7 +346,7 @@ class Gateway:
         except KeyError as e:
             raise Unavailable(f"the batcher returned no output {e} for '{config.name}'") from None
         if cache_key is not None:
-            value = cache_pb2.CachedOutputs(outputs=outputs).SerializeToString()
+            value = _cached_value(outputs)
             self.cache.store_one(cache_pb2.StoreEntry(
                 key=cache_key, value=value, generation=generation, ttl_s=config.cache.ttl_s))
             # Kept only under a generation the service gave (a lookup that failed has none).
