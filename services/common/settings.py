@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import types
 from collections.abc import Callable
+from dataclasses import MISSING, fields
 from typing import Any
 
 
@@ -32,6 +34,21 @@ class Flags:
 
     def parse(self, argv: list[str] | None) -> argparse.Namespace:
         return self.parser.parse_args(argv)
+
+
+def defaults(cls: type) -> types.SimpleNamespace:
+    """A settings dataclass's field defaults (`d.port`, ...), read without building one
+    (some validate fields that have no usable default): the flags take their defaults from
+    here, so the dataclass is their only source."""
+    return types.SimpleNamespace(**{f.name: f.default for f in fields(cls)
+                                    if f.default is not MISSING})
+
+
+def from_flags(cls: type, args: argparse.Namespace, **given: Any) -> Any:
+    """`cls` built from the parsed flags named as its fields; `given` (e.g. transport=...)
+    sets fields that no flag of that name holds, or replaces a flag's value."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in given},
+               **given)
 
 
 def parse_bool(value: str) -> bool:

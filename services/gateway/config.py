@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from meshserve.common import transport
 from meshserve.common.errors import ConfigError
 from meshserve.common.grpcutil import MiB
-from meshserve.common.settings import Flags, parse_bool
+from meshserve.common.settings import Flags, from_flags, parse_bool
 from meshserve.common.transport import Transport
 from meshserve.tasks.records import QueueSettings
 
@@ -142,7 +142,7 @@ def from_args(argv: list[str] | None = None) -> Settings:
     f.add("--http-port", int, d.http_port,
           "HTTP/JSON port of the same v2 API (0: any free port, -1: off)")
     f.add("--metrics-port", int, d.metrics_port, "Prometheus port (-1: off)")
-    f.add("--port-file", str, None, "write the bound ports here as JSON once serving")
+    f.add("--port-file", str, d.port_file, "write the bound ports here as JSON once serving")
     f.add("--log-level", str, d.log_level, "log level")
     f.add("--model-repository", str, d.model_repository, "model repository folder")
     f.add("--batcher", str, d.batcher,
@@ -205,8 +205,7 @@ def from_args(argv: list[str] | None = None) -> Settings:
           "inferences in progress at once; past it RESOURCE_EXHAUSTED at once")
     a = f.parse(argv)
     try:
-        return Settings(**{k: getattr(a, k) for k in Settings.__dataclass_fields__
-                           if k != "transport"}, transport=transport.from_args(f, a))
+        return from_flags(Settings, a, transport=transport.from_args(f, a))
     except ConfigError as e:
         f.parser.error(str(e))  # the usage and one line, no traceback
         raise  # unreachable: error() exits
