@@ -182,7 +182,8 @@ def from_args(argv: list[str] | None = None) -> Settings:
     f.add("--async-max-stored-mb", int, d.async_max_stored_mb,
           "in-process task store: MiB of requests and results held at most")
     f.add("--async-max-tasks-per-key", int, d.async_max_tasks_per_key,
-          "in-process task store: tasks one API key may hold at most")
+          "tasks one API key may hold at most (waiting, running, or finished and kept for "
+          "twice --async-result-ttl-s), in process and in Redis")
     f.add("--trace-sample-ratio", float, d.trace_sample_ratio,
           "share of requests without a traceparent that are sampled (logged per request)")
     transport.add_flags(f, client_auth="none")
