@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meshserve.common import transport
-from meshserve.common.settings import Flags, defaults, from_flags, parse_bool, parse_list
+from meshserve.common.settings import Flags, defaults, parse_bool, parse_list
 from meshserve.common.transport import PLAINTEXT, Transport
 
 
@@ -60,11 +60,7 @@ def _optional_bool(value: str) -> bool | None:
 def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
     d = defaults(Settings)
     f = Flags("meshserve.batcher", "Dynamic batching between gateways and model workers.", env)
-    f.add("--host", str, d.host, "address to bind (0.0.0.0: every interface)")
-    f.add("--port", int, d.port, "gRPC port (0: ephemeral)")
-    f.add("--metrics-port", int, d.metrics_port, "Prometheus port (-1: disabled, 0: ephemeral)")
-    f.add("--port-file", str, d.port_file, "write the bound ports here (JSON) once serving")
-    f.add("--log-level", str, d.log_level, "log level")
+    f.add_service(d)
     f.add("--workers", parse_list, d.workers,
           "model workers: host:port or dns:///name:port, comma list")
     f.add("--model-repository", str, d.model_repository, "model repository root")
@@ -80,10 +76,10 @@ def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) 
     f.add("--adaptive", _optional_bool, d.adaptive, "override of batching.adaptive (empty: config)")
     f.add("--grace-s", float, d.grace_s, "grace period on shutdown")
     f.add("--startup-wait-s", float, d.startup_wait_s, "wait this long for a first worker at start")
-    f.add("--redis-url", str, f.env.get("REDIS_URL", d.redis_url),
-          "the mesh's Redis (redis://host:6379/0): the cluster's model control (loaded "
-          "models, default versions) is read and watched there; empty: gateways write it "
-          "to this batcher (also env REDIS_URL)")
+    f.add_redis_url(d.redis_url,
+                    "the mesh's Redis (redis://host:6379/0): the cluster's model control "
+                    "(loaded models, default versions) is read and watched there; empty: "
+                    "gateways write it to this batcher")
     transport.add_flags(f)
     a = f.parse(argv)
-    return from_flags(Settings, a, transport=transport.from_args(f, a))
+    return f.build(Settings, a, transport=transport.from_args(f, a))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from meshserve.common import transport
 from meshserve.common.errors import ConfigError
 from meshserve.common.logs import redact_url
-from meshserve.common.settings import Flags, defaults, from_flags
+from meshserve.common.settings import Flags, defaults
 from meshserve.common.transport import PLAINTEXT, Transport
 
 MiB = 1024 * 1024
@@ -54,13 +54,8 @@ class Settings:
 def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
     d = defaults(Settings)
     flags = Flags("meshserve.cache", "The prediction cache service (meshserve.v1.Cache).", env)
-    flags.add("--host", str, d.host, "address to bind (0.0.0.0: every interface)")
-    flags.add("--port", int, d.port, "gRPC port (0: ephemeral)")
-    flags.add("--metrics-port", int, d.metrics_port, "Prometheus port (0: ephemeral, -1: disabled)")
-    flags.add("--port-file", str, d.port_file, "write the bound ports here as JSON once serving")
-    flags.add("--log-level", str, d.log_level, "log level")
-    flags.add("--redis-url", str, flags.env.get("REDIS_URL", d.redis_url),
-              "Redis URL (also env REDIS_URL); empty: the in-memory backend")
+    flags.add_service(d)
+    flags.add_redis_url(d.redis_url, "Redis URL; empty: the in-memory backend")
     flags.add("--key-prefix", str, d.key_prefix, "prefix of every Redis key")
     flags.add("--default-ttl-s", int, d.default_ttl_s, "TTL of entries stored with ttl_s 0")
     flags.add("--max-entry-bytes", int, d.max_entry_bytes,
@@ -73,9 +68,5 @@ def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) 
     flags.add("--grace-s", float, d.grace_s, "grace period for in-flight calls on SIGTERM")
     transport.add_flags(flags)
     a = flags.parse(argv)
-    try:
-        return from_flags(Settings, a, redis_url=a.redis_url.strip(),
-                          transport=transport.from_args(flags, a))
-    except ConfigError as exc:
-        flags.parser.error(str(exc))
-        raise  # unreachable: error() exits
+    return flags.build(Settings, a, redis_url=a.redis_url.strip(),
+                       transport=transport.from_args(flags, a))

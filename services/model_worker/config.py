@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshserve.common import transport
-from meshserve.common.settings import Flags, defaults, from_flags, parse_list
+from meshserve.common.settings import Flags, defaults, parse_list
 from meshserve.common.transport import PLAINTEXT, Transport
 
 
@@ -68,11 +68,7 @@ def resolve_device(device: str, cuda_available: bool, cuda_count: int) -> str:
 def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
     d = defaults(Settings)
     flags = Flags("meshserve.model_worker", "Runs batches of a model on one device.", env)
-    flags.add("--host", str, d.host, "address to bind (0.0.0.0: every interface)")
-    flags.add("--port", int, d.port, "gRPC port (0: ephemeral)")
-    flags.add("--metrics-port", int, d.metrics_port, "Prometheus port (-1 off, 0 ephemeral)")
-    flags.add("--port-file", str, d.port_file, "write the bound ports here as JSON once serving")
-    flags.add("--log-level", str, d.log_level, "DEBUG, INFO, WARNING or ERROR")
+    flags.add_service(d)
     # Not the field's default: the flag's "auto" is resolved to the field's cpu or cuda:N.
     flags.add("--device", str, "auto", "cpu, cuda:N, or auto (cuda:0 if available)")
     flags.add("--model-repository", str, d.model_repository, "folder of <model>/config.json")
@@ -113,5 +109,5 @@ def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) 
         name, _, version = entry.partition(":")
         check(bool(name) and (not version or version.isdigit()),
               f"--load entry {entry!r}: expected name, name:version or all")
-    return from_flags(Settings, a, log_level=a.log_level.upper(), device=device,
-                      transport=transport.from_args(flags, a))
+    return flags.build(Settings, a, log_level=a.log_level.upper(), device=device,
+                       transport=transport.from_args(flags, a))

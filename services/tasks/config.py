@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from meshserve.common import transport
 from meshserve.common.errors import ConfigError
 from meshserve.common.logs import redact_url
-from meshserve.common.settings import Flags, defaults, from_flags
+from meshserve.common.settings import Flags, defaults
 from meshserve.common.transport import PLAINTEXT, Transport
 from meshserve.tasks.records import QueueSettings
 
@@ -59,14 +59,9 @@ def from_args(argv: list[str] | None = None) -> Settings:
     d = defaults(Settings)  # not Settings(): it refuses the empty redis_url
     f = Flags("meshserve async-runner",
               "Runs async inference tasks from Redis Streams through the batcher (and cache).")
-    f.add("--host", str, d.host,
-          "address to bind (grpc.health.v1 only; 0.0.0.0: every interface)")
-    f.add("--port", int, d.port, "gRPC health port (0: any free port)")
-    f.add("--metrics-port", int, d.metrics_port, "Prometheus port (-1: off)")
-    f.add("--port-file", str, d.port_file, "write the bound ports here as JSON once serving")
-    f.add("--log-level", str, d.log_level, "log level")
-    f.add("--redis-url", str, f.env.get("REDIS_URL", d.redis_url), "Redis holding the task queue "
-          "(also env REDIS_URL)")
+    f.add_service(d, host="address to bind (grpc.health.v1 only; 0.0.0.0: every interface)",
+                  port="gRPC health port (0: any free port)")
+    f.add_redis_url(d.redis_url, "Redis holding the task queue")
     f.add("--model-repository", str, d.model_repository, "model repository folder")
     f.add("--batcher", str, d.batcher, "batcher address")
     f.add("--cache", str, d.cache, "cache service address; empty: no cache")
@@ -84,8 +79,4 @@ def from_args(argv: list[str] | None = None) -> Settings:
     f.add("--grace-s", float, d.grace_s, "drain time on SIGTERM")
     transport.add_flags(f)
     a = f.parse(argv)
-    try:
-        return from_flags(Settings, a, transport=transport.from_args(f, a))
-    except ConfigError as e:
-        f.parser.error(str(e))
-        raise
+    return f.build(Settings, a, transport=transport.from_args(f, a))
