@@ -45,6 +45,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from meshserve.common.backoff import Backoff
 from meshserve.common.settings import Flags, parse_bool
 
 COLORS = {"cache": 36, "worker": 33, "batcher": 35, "gateway": 32, "up": 1}
@@ -570,6 +571,7 @@ class LocalMesh:
     async def _supervise(self, service: Service) -> None:
         """Restarts the service whenever it exits unexpectedly, until `up` gives up on it."""
         loop = asyncio.get_running_loop()
+        backoff = Backoff(self.restart_first_s, RESTART_MAX_S)  # doubles per quick crash
         while True:
             code = await service.proc.wait()
             await service.pump
@@ -581,6 +583,8 @@ class LocalMesh:
                 return
             lived_s = loop.time() - service.started_at
             service.quick_crashes = service.quick_crashes + 1 if lived_s < QUICK_CRASH_S else 1
+            if service.quick_crashes == 1:
+                backoff.reset()
             why = describe_exit(code) + (f": {service.cause()}" if code > 0 else "")
             if service.quick_crashes > self.restart_limit:
                 service.gave_up = True
@@ -590,11 +594,9 @@ class LocalMesh:
                            f"restarts, each ending within {QUICK_CRASH_S:.0f}s); giving up on "
                            f"it (last: {why})")
                 return
-            delay_s = min(self.restart_first_s * 2 ** (service.quick_crashes - 1),
-                          RESTART_MAX_S)
             self.say(f"{service.name} exited unexpectedly ({why}); restarting it in "
-                     f"{delay_s:.1f}s (restart {service.restarts + 1})")
-            await asyncio.sleep(delay_s)
+                     f"{backoff.delay_s:.1f}s (restart {service.restarts + 1})")
+            await backoff.wait()
             if self.stopping:
                 return
             service.restarts += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meshserve.common import transport
-from meshserve.common.settings import Flags, parse_bool, parse_list
+from meshserve.common.settings import Flags, defaults, parse_bool, parse_list
 from meshserve.common.transport import PLAINTEXT, Transport
 
 
@@ -58,36 +58,28 @@ def _optional_bool(value: str) -> bool | None:
 
 
 def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    d = defaults(Settings)
     f = Flags("meshserve.batcher", "Dynamic batching between gateways and model workers.", env)
-    f.add("--host", str, "127.0.0.1", "address to bind (0.0.0.0: every interface)")
-    f.add("--port", int, 8011, "gRPC port (0: ephemeral)")
-    f.add("--metrics-port", int, 8012, "Prometheus port (-1: disabled, 0: ephemeral)")
-    f.add("--port-file", str, None, "write the bound ports here (JSON) once serving")
-    f.add("--log-level", str, "INFO", "log level")
-    f.add("--workers", parse_list, (), "model workers: host:port or dns:///name:port, comma list")
-    f.add("--model-repository", str, "models", "model repository root")
-    f.add("--load", parse_list, (), "models to make sure are loaded at start: names, or all")
-    f.add("--max-retries", int, 2, "retries of a batch whose worker failed")
-    f.add("--max-in-flight-per-worker", int, 0,
+    f.add_service(d)
+    f.add("--workers", parse_list, d.workers,
+          "model workers: host:port or dns:///name:port, comma list")
+    f.add("--model-repository", str, d.model_repository, "model repository root")
+    f.add("--load", parse_list, d.load, "models to make sure are loaded at start: names, or all")
+    f.add("--max-retries", int, d.max_retries, "retries of a batch whose worker failed")
+    f.add("--max-in-flight-per-worker", int, d.max_in_flight_per_worker,
           "batches in flight on one worker (0: 2 on a GPU; on a CPU 1, or 2 once batches take >= 2 ms)")
-    f.add("--max-batch-size", int, 0, "override of the configs' max_batch_size (0: config)")
-    f.add("--max-queue-delay-us", int, 0, "override of max_queue_delay_us (0: config)")
-    f.add("--max-queue-size", int, 0, "override of max_queue_size (0: config)")
-    f.add("--adaptive", _optional_bool, None, "override of batching.adaptive (empty: config)")
-    f.add("--grace-s", float, 5.0, "grace period on shutdown")
-    f.add("--startup-wait-s", float, 30.0, "wait this long for a first worker at start")
-    f.add("--redis-url", str, f.env.get("REDIS_URL", ""),
-          "the mesh's Redis (redis://host:6379/0): the cluster's model control (loaded "
-          "models, default versions) is read and watched there; empty: gateways write it "
-          "to this batcher (also env REDIS_URL)")
+    f.add("--max-batch-size", int, d.max_batch_size,
+          "override of the configs' max_batch_size (0: config)")
+    f.add("--max-queue-delay-us", int, d.max_queue_delay_us,
+          "override of max_queue_delay_us (0: config)")
+    f.add("--max-queue-size", int, d.max_queue_size, "override of max_queue_size (0: config)")
+    f.add("--adaptive", _optional_bool, d.adaptive, "override of batching.adaptive (empty: config)")
+    f.add("--grace-s", float, d.grace_s, "grace period on shutdown")
+    f.add("--startup-wait-s", float, d.startup_wait_s, "wait this long for a first worker at start")
+    f.add_redis_url(d.redis_url,
+                    "the mesh's Redis (redis://host:6379/0): the cluster's model control "
+                    "(loaded models, default versions) is read and watched there; empty: "
+                    "gateways write it to this batcher")
     transport.add_flags(f)
     a = f.parse(argv)
-    return Settings(
-        host=a.host, port=a.port, metrics_port=a.metrics_port, port_file=a.port_file,
-        log_level=a.log_level, workers=tuple(a.workers), model_repository=a.model_repository,
-        load=tuple(a.load), max_retries=a.max_retries,
-        max_in_flight_per_worker=a.max_in_flight_per_worker, max_batch_size=a.max_batch_size,
-        max_queue_delay_us=a.max_queue_delay_us, max_queue_size=a.max_queue_size,
-        adaptive=a.adaptive, grace_s=a.grace_s, startup_wait_s=a.startup_wait_s,
-        transport=transport.from_args(f, a), redis_url=a.redis_url,
-    )
+    return f.build(Settings, a, transport=transport.from_args(f, a))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from meshserve.common import transport
 from meshserve.common.errors import ConfigError
 from meshserve.common.logs import redact_url
-from meshserve.common.settings import Flags
+from meshserve.common.settings import Flags, defaults
 from meshserve.common.transport import PLAINTEXT, Transport
 
 MiB = 1024 * 1024
@@ -52,33 +52,21 @@ class Settings:
 
 
 def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    d = defaults(Settings)
     flags = Flags("meshserve.cache", "The prediction cache service (meshserve.v1.Cache).", env)
-    flags.add("--host", str, "127.0.0.1", "address to bind (0.0.0.0: every interface)")
-    flags.add("--port", int, 8031, "gRPC port (0: ephemeral)")
-    flags.add("--metrics-port", int, 8032, "Prometheus port (0: ephemeral, -1: disabled)")
-    flags.add("--port-file", str, None, "write the bound ports here as JSON once serving")
-    flags.add("--log-level", str, "INFO", "log level")
-    flags.add("--redis-url", str, flags.env.get("REDIS_URL", ""),
-              "Redis URL (also env REDIS_URL); empty: the in-memory backend")
-    flags.add("--key-prefix", str, "meshserve", "prefix of every Redis key")
-    flags.add("--default-ttl-s", int, 300, "TTL of entries stored with ttl_s 0")
-    flags.add("--max-entry-bytes", int, MiB, "larger entries are not cached (and counted)")
-    flags.add("--memory-max-entries", int, 100_000, "in-memory backend: most entries held")
-    flags.add("--memory-max-bytes", int, 256 * MiB, "in-memory backend: most bytes held")
-    flags.add("--redis-timeout-ms", int, 50, "bound on every Redis call")
-    flags.add("--redis-pool-size", int, 32, "Redis connections at most")
-    flags.add("--grace-s", float, 5.0, "grace period for in-flight calls on SIGTERM")
+    flags.add_service(d)
+    flags.add_redis_url(d.redis_url, "Redis URL; empty: the in-memory backend")
+    flags.add("--key-prefix", str, d.key_prefix, "prefix of every Redis key")
+    flags.add("--default-ttl-s", int, d.default_ttl_s, "TTL of entries stored with ttl_s 0")
+    flags.add("--max-entry-bytes", int, d.max_entry_bytes,
+              "larger entries are not cached (and counted)")
+    flags.add("--memory-max-entries", int, d.memory_max_entries,
+              "in-memory backend: most entries held")
+    flags.add("--memory-max-bytes", int, d.memory_max_bytes, "in-memory backend: most bytes held")
+    flags.add("--redis-timeout-ms", int, d.redis_timeout_ms, "bound on every Redis call")
+    flags.add("--redis-pool-size", int, d.redis_pool_size, "Redis connections at most")
+    flags.add("--grace-s", float, d.grace_s, "grace period for in-flight calls on SIGTERM")
     transport.add_flags(flags)
     a = flags.parse(argv)
-    try:
-        return Settings(
-            host=a.host, port=a.port, metrics_port=a.metrics_port, port_file=a.port_file,
-            log_level=a.log_level, redis_url=a.redis_url.strip(), key_prefix=a.key_prefix,
-            default_ttl_s=a.default_ttl_s, max_entry_bytes=a.max_entry_bytes,
-            memory_max_entries=a.memory_max_entries, memory_max_bytes=a.memory_max_bytes,
-            redis_timeout_ms=a.redis_timeout_ms, redis_pool_size=a.redis_pool_size,
-            grace_s=a.grace_s, transport=transport.from_args(flags, a),
-        )
-    except ConfigError as exc:
-        flags.parser.error(str(exc))
-        raise  # unreachable: error() exits
+    return flags.build(Settings, a, redis_url=a.redis_url.strip(),
+                       transport=transport.from_args(flags, a))

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from meshserve.common import grpcutil
 from meshserve.common.errors import Unavailable
 from meshserve.common.logs import clip, redact_url
-from meshserve.common.model_control import Control, decode, from_pb, to_pb
+from meshserve.common.model_control import Control, from_pb, parse, to_pb
 from meshserve.common.shared_state import (
     Board,
     Synced,
@@ -57,7 +57,7 @@ class RedisControlStore:
     async def start(self, apply: Apply) -> None:
         self.synced = Synced(apply)
         self._task = await start_watch(
-            watch_redis(self.redis, REDIS_HASH, REDIS_CHANNEL, self.synced, decode, WHAT),
+            watch_redis(self.redis, REDIS_HASH, REDIS_CHANNEL, self.synced, parse, WHAT),
             self.synced, self.start_wait_s, WHAT, f"Redis at {redact_url(self.url)}")
 
     async def put(self, control: Control) -> None:

@@ -7,13 +7,10 @@ No grpc here: the stores are in common.control_store."""
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
 from meshserve.pb.meshserve.v1 import model_control_pb2 as mpb
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,11 +39,6 @@ def from_pb(m: mpb.ModelControl) -> Control:
                    m.updated_unix_ms)
 
 
-def decode(model: str, data: bytes | None) -> Control | None:
-    if data is None:
-        return None
-    try:
-        return from_pb(mpb.ModelControl.FromString(data))
-    except Exception as e:  # noqa: BLE001 - a corrupt record is skipped, never fatal
-        log.warning("stored model control of %s is unreadable: %s", model, e)
-        return None
+def parse(data: bytes) -> Control:
+    """A stored record (a serialized meshserve.v1.ModelControl)."""
+    return from_pb(mpb.ModelControl.FromString(data))

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import types
 from collections.abc import Callable
+from dataclasses import MISSING, fields
 from typing import Any
+
+from meshserve.common.errors import ConfigError
 
 
 class Flags:
@@ -30,8 +34,41 @@ class Flags:
     def add_bool(self, flag: str, default: bool, help: str = "") -> None:
         self.add(flag, parse_bool, default, help)
 
+    def add_service(self, d: types.SimpleNamespace, host: str = "", port: str = "") -> None:
+        """The flags every service has, with the defaults `d` (defaults(Settings)): --host,
+        --port, --metrics-port, --port-file, --log-level; host and port: their help."""
+        self.add("--host", str, d.host, host or "address to bind (0.0.0.0: every interface)")
+        self.add("--port", int, d.port, port or "gRPC port (0: any free port)")
+        self.add("--metrics-port", int, d.metrics_port, "Prometheus port (-1: off, 0: any free port)")
+        self.add("--port-file", str, d.port_file, "write the bound ports here as JSON once serving")
+        self.add("--log-level", str, d.log_level, "DEBUG, INFO, WARNING or ERROR")
+
+    def add_redis_url(self, default: str, help: str) -> None:
+        """--redis-url, also read from REDIS_URL (MESHSERVE_REDIS_URL wins)."""
+        self.add("--redis-url", str, self.env.get("REDIS_URL", default),
+                 f"{help} (also env REDIS_URL)")
+
     def parse(self, argv: list[str] | None) -> argparse.Namespace:
         return self.parser.parse_args(argv)
+
+    def build(self, cls: type, args: argparse.Namespace, **given: Any) -> Any:
+        """`cls` built from the parsed flags named as its fields; `given` (e.g. transport=...)
+        sets fields that no flag of that name holds, or replaces a flag's value. A value the
+        settings refuse (ConfigError) exits with the usage and one line, no traceback."""
+        try:
+            return cls(**{f.name: getattr(args, f.name) for f in fields(cls)
+                          if f.name not in given}, **given)
+        except ConfigError as e:
+            self.parser.error(str(e))
+            raise  # unreachable: error() exits
+
+
+def defaults(cls: type) -> types.SimpleNamespace:
+    """A settings dataclass's field defaults (`d.port`, ...), read without building one
+    (some validate fields that have no usable default): the flags take their defaults from
+    here, so the dataclass is their only source."""
+    return types.SimpleNamespace(**{f.name: f.default for f in fields(cls)
+                                    if f.default is not MISSING})
 
 
 def parse_bool(value: str) -> bool:

@@ -51,9 +51,20 @@ class Synced(Generic[T]):
 
 
 async def watch_redis(redis, key: str, channel: str, synced: Synced,
-                      decode: Callable[[str, bytes | None], object], what: str) -> None:
-    """Keeps `synced` up to date with a Redis hash, forever (reconnects with a backoff)."""
+                      parse: Callable[[bytes], object], what: str) -> None:
+    """Keeps `synced` up to date with a Redis hash of serialized records, forever
+    (reconnects with a backoff). parse(bytes) -> a record's value."""
     backoff = Backoff(max_s=2.0)
+
+    def decode(model: str, data: bytes | None):
+        if data is None:
+            return None
+        try:
+            return parse(data)
+        except Exception as e:  # noqa: BLE001 - a corrupt record is skipped, never fatal
+            log.warning("stored %s of %s is unreadable: %s", what, model, e)
+            return None
+
     while True:
         try:
             async with redis.pubsub() as pubsub:

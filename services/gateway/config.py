@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from meshserve.common import transport
 from meshserve.common.errors import ConfigError
 from meshserve.common.grpcutil import MiB
-from meshserve.common.settings import Flags, parse_bool
+from meshserve.common.settings import Flags, defaults, parse_bool
 from meshserve.common.transport import Transport
 from meshserve.tasks.records import QueueSettings
 
@@ -134,16 +134,12 @@ def is_loopback(host: str) -> bool:
 
 
 def from_args(argv: list[str] | None = None) -> Settings:
-    d = Settings()
+    d = defaults(Settings)
     f = Flags("meshserve gateway", "The public Open Inference Protocol v2 gRPC API.")
-    f.add("--host", str, d.host, "address to bind (0.0.0.0: every interface; needs "
-          "--api-keys-file or --insecure)")
-    f.add("--port", int, d.port, "gRPC port (0: any free port)")
+    f.add_service(d, host="address to bind (0.0.0.0: every interface; needs "
+                  "--api-keys-file or --insecure)")
     f.add("--http-port", int, d.http_port,
           "HTTP/JSON port of the same v2 API (0: any free port, -1: off)")
-    f.add("--metrics-port", int, d.metrics_port, "Prometheus port (-1: off)")
-    f.add("--port-file", str, None, "write the bound ports here as JSON once serving")
-    f.add("--log-level", str, d.log_level, "log level")
     f.add("--model-repository", str, d.model_repository, "model repository folder")
     f.add("--batcher", str, d.batcher,
           "batcher: host:port, a comma list of them, or dns:///name:port (balanced)")
@@ -167,8 +163,7 @@ def from_args(argv: list[str] | None = None) -> Settings:
     f.add("--grace-s", float, d.grace_s, "drain time on SIGTERM")
     f.add_bool("--reuse-port", d.reuse_port,
                "bind with SO_REUSEPORT, so several gateways share --port")
-    f.add("--redis-url", str, f.env.get("REDIS_URL", d.redis_url),
-          "Redis for durable async tasks (also env REDIS_URL); empty: in-process queue")
+    f.add_redis_url(d.redis_url, "Redis for durable async tasks; empty: in-process queue")
     f.add("--async-runners", int, d.async_runners,
           "async task runners in this gateway (0: none; tasks run elsewhere)")
     f.add("--async-max-queue", int, d.async_max_queue, "async tasks waiting or running, at most")
@@ -187,7 +182,8 @@ def from_args(argv: list[str] | None = None) -> Settings:
     f.add("--async-max-stored-mb", int, d.async_max_stored_mb,
           "in-process task store: MiB of requests and results held at most")
     f.add("--async-max-tasks-per-key", int, d.async_max_tasks_per_key,
-          "in-process task store: tasks one API key may hold at most")
+          "tasks one API key may hold at most (waiting, running, or finished and kept for "
+          "twice --async-result-ttl-s), in process and in Redis")
     f.add("--trace-sample-ratio", float, d.trace_sample_ratio,
           "share of requests without a traceparent that are sampled (logged per request)")
     transport.add_flags(f, client_auth="none")
@@ -203,9 +199,4 @@ def from_args(argv: list[str] | None = None) -> Settings:
     f.add("--max-concurrent-requests", int, d.max_concurrent_requests,
           "inferences in progress at once; past it RESOURCE_EXHAUSTED at once")
     a = f.parse(argv)
-    try:
-        return Settings(**{k: getattr(a, k) for k in Settings.__dataclass_fields__
-                           if k != "transport"}, transport=transport.from_args(f, a))
-    except ConfigError as e:
-        f.parser.error(str(e))  # the usage and one line, no traceback
-        raise  # unreachable: error() exits
+    return f.build(Settings, a, transport=transport.from_args(f, a))

@@ -216,9 +216,12 @@ class Catalog:
 
 class Gateway:
     def __init__(self, repository: ModelRepository, batcher, cache=None,
-                 cache_timeout_s: float = 0.05, control=None, l1: L1Cache | None = None):
+                 cache_timeout_s: float = 0.05, control=None, l1: L1Cache | None = None,
+                 routing=None):
         """control: where the cluster's model control lives (common.control_store; None:
-        this gateway's memory only). l1: an in-process cache in front of `cache`."""
+        this gateway's memory only). l1: an in-process cache in front of `cache`.
+        routing: builds the router that applies routing policies from this gateway's
+        catalog, loads and direct path (gateway.traffic.Router; None: no policies)."""
         self.repository = repository
         self.control = control
         self.controls: dict[str, Control] = {}  # the cluster's, as last seen
@@ -234,8 +237,8 @@ class Gateway:
         self.cache_timeout_s = cache_timeout_s
         self.cache_counts: dict[tuple[str, str], CacheCounts] = defaultdict(CacheCounts)
         self.loads = LoadTracker()  # EWMA queue/latency per version, from batcher results
-        self.router = None  # a gateway.traffic.Router once routing is attached
         self._validated: dict[tuple, tuple[ModelConfig, int]] = {}
+        self.router = routing(self) if routing is not None else None
 
     # ------------------------------------------------------------------ inference
 

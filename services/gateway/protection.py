@@ -20,7 +20,8 @@ limit, applied by ONE server interceptor on the gateway's port.
   model's buckets (common.ratelimit), refused with RESOURCE_EXHAUSTED and `retry-after-ms`
   in the trailing metadata (and the message); ModelInfer and stream messages also count
   against --max-concurrent-requests (shed at once past it).
-- grpc.health.v1 stays open (probes); reflection needs a key (any scope).
+- grpc.health.v1 stays open (probes): a caller without a valid key is answered about the
+  whole server without its message being read; reflection needs a key (any scope).
 A refused stream message is answered on the stream (error_message, plus the parameter
 `retry_after_ms`); the stream goes on.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -273,10 +275,14 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, protection: Protection):
         self.protection = protection
         self._handlers: dict[str, tuple[object, object]] = {}
+        self._unread: dict[str, tuple[object, object]] = {}  # open methods, keyless callers
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        if self.protection.auth and not method.startswith(OPEN_PREFIXES):
+        if self.protection.auth and method.startswith(OPEN_PREFIXES):
+            return self._open(method, await continuation(handler_call_details),
+                              handler_call_details.invocation_metadata)
+        if self.protection.auth:
             # Authentication before the body: a caller without a valid key is refused from
             # its metadata alone; its message is never read nor parsed.
             p = self.protection
@@ -291,6 +297,20 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
         if cached is None or cached[0] is not handler:
             cached = (handler, self._wrap(method, handler))
             self._handlers[method] = cached
+        return cached[1]
+
+    def _open(self, method: str, handler, metadata):
+        """grpc.health.v1 with keys configured: a caller with a valid key is served as
+        usual; any other is answered about the whole server (service "") without its
+        message being read, so a caller without a key never makes the gateway buffer a
+        body (up to --max-message-mb): Kubernetes probes ask about "" anyway."""
+        if handler is None or (any(k == "authorization" for k, _v in metadata or ())
+                               and isinstance(self.protection.authenticate(metadata), ApiKey)):
+            return handler
+        cached = self._unread.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, _unread(handler))
+            self._unread[method] = cached
         return cached[1]
 
     def _wrap(self, method: str, handler):
@@ -450,6 +470,28 @@ def _refusal(denied: Denied):
         await abort(context, denied)
 
     return grpc.stream_unary_rpc_method_handler(refuse)
+
+
+def _unread(handler):
+    """The handler answering as if the request were empty, without reading it (request
+    streaming: see _refusal); a unary-stream handler (Watch) stays response streaming."""
+    blank = handler.request_deserializer(b"") if handler.request_deserializer else b""
+    if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+        async def stream(_request_iterator, context):
+            async for response in handler.unary_stream(blank, context):
+                yield response
+        return grpc.stream_stream_rpc_method_handler(
+            stream, response_serializer=handler.response_serializer)
+    if handler.unary_stream is not None:  # writes with context.write (the health servicer)
+        async def written(_request_iterator, context):
+            await handler.unary_stream(blank, context)
+        return grpc.stream_stream_rpc_method_handler(
+            written, response_serializer=handler.response_serializer)
+
+    async def unary(_request_iterator, context):
+        return await handler.unary_unary(blank, context)
+    return grpc.stream_unary_rpc_method_handler(
+        unary, response_serializer=handler.response_serializer)
 
 
 def _behavior(handler):

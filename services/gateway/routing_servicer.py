@@ -1,12 +1,9 @@
-"""meshserve.v1.Routing on the gateway's port: translation only; `attach` wires the router."""
+"""meshserve.v1.Routing on the gateway's port: translation only."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry
-
 from meshserve.common.grpcutil import grpc_errors, split_targets
 from meshserve.common.transport import Transport
-from meshserve.gateway.core import Gateway
 from meshserve.gateway.routing import Policy
 from meshserve.gateway.routing_store import (
     BatcherPolicyStore,
@@ -14,7 +11,7 @@ from meshserve.gateway.routing_store import (
     policy_from_pb,
     policy_to_pb,
 )
-from meshserve.gateway.traffic import Router
+from meshserve.gateway.traffic import PolicyStore, Router
 from meshserve.pb.meshserve.v1 import routing_pb2 as rpb
 from meshserve.pb.meshserve.v1 import routing_pb2_grpc as rpb_grpc
 
@@ -78,15 +75,15 @@ class RoutingServicer(rpb_grpc.RoutingServicer):
             self.router.unwatch(queue)
 
 
-def attach(server, gateway: Gateway, registry: CollectorRegistry, redis_url: str,
-           batcher_target: str, transport: Transport | None = None, protection=None) -> Router:
-    """Serves meshserve.v1.Routing on the gateway's server; policies shared through Redis
-    (when redis_url is set) or the (first) batcher's RoutingStore. Start the router after."""
+def policy_store(redis_url: str, batcher_target: str, transport: Transport | None = None
+                 ) -> PolicyStore:
+    """Where runtime policies are shared: Redis (when redis_url is set), else the (first)
+    batcher's RoutingStore."""
     if redis_url:
-        store = RedisPolicyStore(redis_url)
-    else:
-        store = BatcherPolicyStore(split_targets(batcher_target)[0], transport=transport)
-    router = Router(gateway, registry, store, protection=protection)
-    gateway.router = router
+        return RedisPolicyStore(redis_url)
+    return BatcherPolicyStore(split_targets(batcher_target)[0], transport=transport)
+
+
+def attach(server, router: Router) -> None:
+    """Serves meshserve.v1.Routing for `router` on the gateway's server."""
     rpb_grpc.add_RoutingServicer_to_server(RoutingServicer(router), server)
-    return router

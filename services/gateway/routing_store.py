@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 
 import grpc
@@ -31,8 +30,6 @@ from meshserve.gateway.routing import AliasSpec, Policy, Target
 from meshserve.gateway.traffic import PolicyStore
 from meshserve.pb.meshserve.v1 import routing_pb2 as rpb
 from meshserve.pb.meshserve.v1 import routing_pb2_grpc as rpb_grpc
-
-log = logging.getLogger(__name__)
 
 REDIS_HASH = "meshserve:routing:policies"
 REDIS_CHANNEL = "meshserve:routing:changes"
@@ -91,14 +88,8 @@ def policy_from_pb(m: rpb.RoutingPolicy) -> Policy:
     )
 
 
-def _decode(model: str, data: bytes | None) -> Policy | None:
-    if data is None:
-        return None
-    try:
-        return policy_from_pb(rpb.RoutingPolicy.FromString(data))
-    except Exception as e:  # noqa: BLE001 - a corrupt entry is skipped, never fatal
-        log.warning("stored routing policy of %s is unreadable: %s", model, e)
-        return None
+def _parse(data: bytes) -> Policy:
+    return policy_from_pb(rpb.RoutingPolicy.FromString(data))
 
 
 # ---------------------------------------------------------------------------- Redis
@@ -124,8 +115,8 @@ class RedisPolicyStore(PolicyStore):
         await put_redis(self.redis, REDIS_HASH, REDIS_CHANNEL, model, None)
 
     async def _watch(self) -> None:
-        await watch_redis(self.redis, REDIS_HASH, REDIS_CHANNEL, self.synced, _decode,
-                          "routing policies")
+        await watch_redis(self.redis, REDIS_HASH, REDIS_CHANNEL, self.synced, _parse,
+                          "routing policy")
 
     async def close(self) -> None:
         await stop(self._task)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -63,17 +64,21 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
     # The cluster's model control: in Redis with --redis-url, else on every batcher.
     control = (RedisControlStore(settings.redis_url) if settings.redis_url
                else GatewayControlStore(settings.batcher, batcher.each, transport))
-    gateway = Gateway(
-        ModelRepository(settings.model_repository), batcher, cache,
-        cache_timeout_s=settings.cache_timeout_ms / 1000, control=control, l1=l1,
-    )
-    hops.register(registry, lambda: [*batcher.hop_counts(),
-                                     *(cache.hop_counts() if cache is not None else [])])
     # API keys, rate limits, load shedding: one interceptor (gateway/protection.py), only
     # when there are keys or limits; else the servicer sheds load past the concurrency
     # limit itself (an interceptor costs every call).
     p = protection.create(settings, registry)
     intercept = p.auth or p.limiting
+    # Traffic management: the gateway builds its router, which charges alias targets,
+    # fallbacks and shadows to `p` and shares runtime policies through the store.
+    store = routing_servicer.policy_store(settings.redis_url, settings.batcher, transport)
+    gateway = Gateway(
+        ModelRepository(settings.model_repository), batcher, cache,
+        cache_timeout_s=settings.cache_timeout_ms / 1000, control=control, l1=l1,
+        routing=partial(Router, registry=registry, store=store, protection=p),
+    )
+    hops.register(registry, lambda: [*batcher.hop_counts(),
+                                     *(cache.hop_counts() if cache is not None else [])])
     server, port, health = grpcutil.new_server(
         f"{settings.host}:{settings.port}", SERVICES, settings.max_message_mb * MiB,
         reuse_port=settings.reuse_port, transport=transport,
@@ -95,10 +100,9 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
     tasks = tasks_server.attach(server, GatewayPath(gateway), registry,
                                         settings.redis_url, settings.async_runners,
                                         settings.queue_settings())
-    # Traffic management on the same port; gateway.router applies the policies.
-    router = routing_servicer.attach(server, gateway, registry, settings.redis_url,
-                                     settings.batcher, transport, protection=p)
-    return GatewayProcess(server, port, health, gateway, http, p, tasks, router)
+    # Traffic management on the same port.
+    routing_servicer.attach(server, gateway.router)
+    return GatewayProcess(server, port, health, gateway, http, p, tasks, gateway.router)
 
 
 async def _wait_for_batcher(gateway: Gateway) -> None:

@@ -3,7 +3,9 @@ choice; shadow mirrors; fallback; cost-aware aliases), holds the policies in for
 ones from the policy store over those of config.json) and counts what it routes.
 
 `Gateway.infer` calls `Router.infer(call, policy)` only for a model with a policy;
-every other request costs one dict lookup."""
+every other request costs one dict lookup. The gateway builds its router (its `routing`
+argument, e.g. `functools.partial(Router, registry=...)`) and hands it itself as the
+router's `Models`: the router sees only that narrow interface."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import random
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -31,9 +34,10 @@ from meshserve.common.errors import (
 from meshserve.common.logs import clip
 from meshserve.common.repository import RoutingConfig
 from meshserve.common.tensors import to_numpy
-from meshserve.gateway.core import Gateway, InferCall, InferOutcome
+from meshserve.gateway.core import Catalog, InferCall, InferOutcome
 from meshserve.gateway.routing import (
     AliasState,
+    LoadTracker,
     ModelFacts,
     Policy,
     ShadowGate,
@@ -105,13 +109,26 @@ class PolicyStore:
         pass
 
 
+class Models(Protocol):
+    """What the router needs of the gateway (gateway.core.Gateway is one): the catalog,
+    the versions' recent loads, and the two ways to serve a call: `infer` (through the
+    model's own policy: alias targets) and `infer_direct` (one version, no policy)."""
+
+    catalog: Catalog
+    loads: LoadTracker
+
+    def infer(self, call: InferCall) -> Awaitable[InferOutcome]: ...
+
+    def infer_direct(self, call: InferCall) -> Awaitable[InferOutcome]: ...
+
+
 class Router:
-    def __init__(self, gateway: Gateway, registry: CollectorRegistry,
+    def __init__(self, models: Models, registry: CollectorRegistry,
                  store: PolicyStore | None = None, draw: Callable[[], float] = random.random,
                  clock: Callable[[], float] = time.monotonic, protection=None):
         """protection: the gateway's gateway.protection.Protection (None: no limits), which
         charges alias targets, fallbacks and shadows like requests of their own."""
-        self.gateway = gateway
+        self.models = models
         self.protection = protection
         self.store = store or PolicyStore()
         self.registry = registry
@@ -142,14 +159,14 @@ class Router:
     # ----------------------------------------------------------------- policies
 
     def facts(self, name: str) -> ModelFacts:
-        config = self.gateway.catalog.get(name).config
-        return ModelFacts(tuple(self.gateway.versions(name)),
-                          tuple((t.name, t.datatype, t.dims) for t in config.inputs))
+        entry = self.models.catalog.get(name)
+        return ModelFacts(tuple(entry.versions),
+                          tuple((t.name, t.datatype, t.dims) for t in entry.config.inputs))
 
     def load_config_policies(self) -> None:
         """The `routing` sections of the repository's configs (invalid ones are logged)."""
         found: dict[str, Policy] = {}
-        repository = self.gateway.repository
+        repository = self.models.catalog.repository
         for name in repository.names():
             try:
                 routing = repository.config(name).routing
@@ -283,9 +300,9 @@ class Router:
                 # Served directly (version "": the default one): a fallback's own policy
                 # does not apply, so fallbacks never chain into loops.
                 if i == 0:
-                    return await self._timed(self.gateway.infer_direct(sub), call.model,
+                    return await self._timed(self.models.infer_direct(sub), call.model,
                                              target.version, route)
-                return await self._timed(self.gateway.infer_direct(sub), call.model,
+                return await self._timed(self.models.infer_direct(sub), call.model,
                                          str(target) if target.version else "", route,
                                          unresolved=str(target))
             except FALLBACK_ERRORS as e:
@@ -299,10 +316,10 @@ class Router:
         version = target.version
         if not version:
             try:
-                version = self.gateway.catalog.resolve(target.model, "")[1]
+                version = self.models.catalog.resolve(target.model, "")[1]
             except NotFound:
                 return 0.0
-        return self.gateway.loads.load_us(target.model, version)[0]
+        return self.models.loads.load_us(target.model, version)[0]
 
     async def _timed(self, work, model: str, version: str, route: str,
                      unresolved: str = "default") -> InferOutcome:
@@ -334,7 +351,7 @@ class Router:
         state = self._aliases[policy.model]
         spec = policy.alias
         before = state.current
-        queue_us, latency_us = self.gateway.loads.load_us(spec.preferred.model, spec.preferred.version)
+        queue_us, latency_us = self.models.loads.load_us(spec.preferred.model, spec.preferred.version)
         target = state.target(queue_us, latency_us)
         if target != before:
             log.info("alias %s: %s -> %s (queue %.0fus, latency %.0fus)",
@@ -343,13 +360,13 @@ class Router:
         sub = replace(call, model=target.model, version=target.version or call.version)
         try:
             await self._charge(target.model)
-            return await self._timed(self.gateway.infer(sub), policy.model, str(target), "alias")
+            return await self._timed(self.models.infer(sub), policy.model, str(target), "alias")
         except FALLBACK_ERRORS:
             if target != spec.preferred:
                 raise
             sub = replace(call, model=spec.cheaper.model, version=spec.cheaper.version or call.version)
             await self._charge(spec.cheaper.model)
-            return await self._timed(self.gateway.infer(sub), policy.model, str(spec.cheaper), "alias")
+            return await self._timed(self.models.infer(sub), policy.model, str(spec.cheaper), "alias")
 
     async def _charge(self, model: str) -> None:
         """A request served by another model than it named (an alias target, a fallback)
@@ -386,7 +403,7 @@ class Router:
                 return
             sub = replace(call, version=version, use_cache=False)
             try:
-                outcome = await self._timed(self.gateway.infer_direct(sub), call.model, version,
+                outcome = await self._timed(self.models.infer_direct(sub), call.model, version,
                                             "shadow")
             except MeshError as e:
                 log.debug("shadow %s:%s failed: %s", clip(call.model), clip(version), clip(e))
@@ -412,7 +429,7 @@ class Router:
     def _agreement(self, model: str, a: Sequence, b: Sequence) -> bool | None:
         """Classifiers: equal predictions (or argmax of logits/probabilities); else None."""
         try:
-            classifier = self.gateway.catalog.get(model).config.classifier
+            classifier = self.models.catalog.get(model).config.classifier
         except MeshError:
             return None
         if classifier is None:

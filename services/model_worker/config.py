@@ -7,21 +7,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshserve.common import transport
-from meshserve.common.settings import Flags, parse_list
+from meshserve.common.settings import Flags, defaults, parse_list
 from meshserve.common.transport import PLAINTEXT, Transport
-
-DEFAULT_PORT = 8021
-DEFAULT_METRICS_PORT = 8022
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    metrics_port: int = DEFAULT_METRICS_PORT
+    port: int = 8021
+    metrics_port: int = 8022
     port_file: str | None = None
     log_level: str = "INFO"
-    # "cpu" or "cuda:N" once resolved (resolve_device turns "auto"/"cuda" into one of them).
+    # "cpu" or "cuda:N" once resolved (resolve_device turns the flag's "auto"/"cuda" into
+    # one of them).
     device: str = "cpu"
     model_repository: str = "models"
     max_models: int = 8
@@ -68,22 +66,21 @@ def resolve_device(device: str, cuda_available: bool, cuda_count: int) -> str:
 
 
 def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    d = defaults(Settings)
     flags = Flags("meshserve.model_worker", "Runs batches of a model on one device.", env)
-    flags.add("--host", str, "127.0.0.1", "address to bind (0.0.0.0: every interface)")
-    flags.add("--port", int, DEFAULT_PORT, "gRPC port (0: ephemeral)")
-    flags.add("--metrics-port", int, DEFAULT_METRICS_PORT, "Prometheus port (-1 off, 0 ephemeral)")
-    flags.add("--port-file", str, None, "write the bound ports here as JSON once serving")
-    flags.add("--log-level", str, "INFO", "DEBUG, INFO, WARNING or ERROR")
+    flags.add_service(d)
+    # Not the field's default: the flag's "auto" is resolved to the field's cpu or cuda:N.
     flags.add("--device", str, "auto", "cpu, cuda:N, or auto (cuda:0 if available)")
-    flags.add("--model-repository", str, "models", "folder of <model>/config.json")
-    flags.add("--max-models", int, 8, "most model versions loaded at once")
-    flags.add("--max-memory-mb", int, 0, "byte budget of loaded models in MiB (0: unbounded)")
-    flags.add("--threads", int, 1, "torch intra-op threads per batch")
-    flags.add("--max-in-flight", int, 2, "batches executed concurrently")
-    flags.add_bool("--cuda-graphs", True, "capture one CUDA graph per batch bucket on CUDA")
-    flags.add("--load", parse_list, (), "models to load at start: name, name:version or all")
-    flags.add("--worker-id", str, None, "name reported in status (default hostname:port)")
-    flags.add("--grace-s", float, 5.0, "seconds in-flight batches get to finish on SIGTERM")
+    flags.add("--model-repository", str, d.model_repository, "folder of <model>/config.json")
+    flags.add("--max-models", int, d.max_models, "most model versions loaded at once")
+    flags.add("--max-memory-mb", int, d.max_memory_mb,
+              "byte budget of loaded models in MiB (0: unbounded)")
+    flags.add("--threads", int, d.threads, "torch intra-op threads per batch")
+    flags.add("--max-in-flight", int, d.max_in_flight, "batches executed concurrently")
+    flags.add_bool("--cuda-graphs", d.cuda_graphs, "capture one CUDA graph per batch bucket on CUDA")
+    flags.add("--load", parse_list, d.load, "models to load at start: name, name:version or all")
+    flags.add("--worker-id", str, d.worker_id, "name reported in status (default hostname:port)")
+    flags.add("--grace-s", float, d.grace_s, "seconds in-flight batches get to finish on SIGTERM")
     transport.add_flags(flags)
     a = flags.parse(argv)
 
@@ -112,10 +109,5 @@ def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) 
         name, _, version = entry.partition(":")
         check(bool(name) and (not version or version.isdigit()),
               f"--load entry {entry!r}: expected name, name:version or all")
-    return Settings(
-        host=a.host, port=a.port, metrics_port=a.metrics_port, port_file=a.port_file,
-        log_level=a.log_level.upper(), device=device, model_repository=a.model_repository,
-        max_models=a.max_models, max_memory_mb=a.max_memory_mb, threads=a.threads,
-        max_in_flight=a.max_in_flight, cuda_graphs=a.cuda_graphs, load=tuple(a.load),
-        worker_id=a.worker_id, grace_s=a.grace_s, transport=transport.from_args(flags, a),
-    )
+    return flags.build(Settings, a, log_level=a.log_level.upper(), device=device,
+                       transport=transport.from_args(flags, a))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from meshserve.common import transport
 from meshserve.common.errors import ConfigError
 from meshserve.common.logs import redact_url
-from meshserve.common.settings import Flags
+from meshserve.common.settings import Flags, defaults
 from meshserve.common.transport import PLAINTEXT, Transport
 from meshserve.tasks.records import QueueSettings
 
@@ -56,36 +56,27 @@ class Settings:
 
 
 def from_args(argv: list[str] | None = None) -> Settings:
-    d = Settings.__dataclass_fields__
+    d = defaults(Settings)  # not Settings(): it refuses the empty redis_url
     f = Flags("meshserve async-runner",
               "Runs async inference tasks from Redis Streams through the batcher (and cache).")
-    f.add("--host", str, "127.0.0.1", "address to bind (grpc.health.v1 only; 0.0.0.0: every interface)")
-    f.add("--port", int, 8041, "gRPC health port (0: any free port)")
-    f.add("--metrics-port", int, 8042, "Prometheus port (-1: off)")
-    f.add("--port-file", str, None, "write the bound ports here as JSON once serving")
-    f.add("--log-level", str, "INFO", "log level")
-    f.add("--redis-url", str, f.env.get("REDIS_URL", ""), "Redis holding the task queue "
-          "(also env REDIS_URL)")
-    f.add("--model-repository", str, "models", "model repository folder")
-    f.add("--batcher", str, "127.0.0.1:8011", "batcher address")
-    f.add("--cache", str, "", "cache service address; empty: no cache")
-    f.add("--cache-timeout-ms", int, 50, "cache lookup budget per task")
-    f.add("--runners", int, 1, "runner coroutines (consumers) in this process")
-    f.add("--concurrency", int, 256, "tasks in progress at once per runner")
-    f.add("--max-queue", int, d["max_queue"].default, "tasks waiting or running, at most")
-    f.add("--task-ttl-s", float, d["task_ttl_s"].default, "a task not started within this is EXPIRED")
-    f.add("--result-ttl-s", float, d["result_ttl_s"].default, "how long outcomes are kept")
-    f.add("--claim-idle-s", float, d["claim_idle_s"].default,
+    f.add_service(d, host="address to bind (grpc.health.v1 only; 0.0.0.0: every interface)",
+                  port="gRPC health port (0: any free port)")
+    f.add_redis_url(d.redis_url, "Redis holding the task queue")
+    f.add("--model-repository", str, d.model_repository, "model repository folder")
+    f.add("--batcher", str, d.batcher, "batcher address")
+    f.add("--cache", str, d.cache, "cache service address; empty: no cache")
+    f.add("--cache-timeout-ms", int, d.cache_timeout_ms, "cache lookup budget per task")
+    f.add("--runners", int, d.runners, "runner coroutines (consumers) in this process")
+    f.add("--concurrency", int, d.concurrency, "tasks in progress at once per runner")
+    f.add("--max-queue", int, d.max_queue, "tasks waiting or running, at most")
+    f.add("--task-ttl-s", float, d.task_ttl_s, "a task not started within this is EXPIRED")
+    f.add("--result-ttl-s", float, d.result_ttl_s, "how long outcomes are kept")
+    f.add("--claim-idle-s", float, d.claim_idle_s,
           "claim a task whose runner has been silent this long")
-    f.add("--max-deliveries", int, d["max_deliveries"].default,
+    f.add("--max-deliveries", int, d.max_deliveries,
           "deliveries before a task is dead-lettered (FAILED)")
-    f.add("--key-prefix", str, d["key_prefix"].default, "prefix of every Redis key")
-    f.add("--grace-s", float, 5.0, "drain time on SIGTERM")
+    f.add("--key-prefix", str, d.key_prefix, "prefix of every Redis key")
+    f.add("--grace-s", float, d.grace_s, "drain time on SIGTERM")
     transport.add_flags(f)
     a = f.parse(argv)
-    try:
-        return Settings(**{k: getattr(a, k) for k in d if k != "transport"},
-                        transport=transport.from_args(f, a))
-    except ConfigError as e:
-        f.parser.error(str(e))
-        raise
+    return f.build(Settings, a, transport=transport.from_args(f, a))

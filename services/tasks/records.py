@@ -54,10 +54,10 @@ class QueueSettings:
     max_deliveries: int = 3  # deliveries of one task before it is dead-lettered (FAILED)
     key_prefix: str = "meshserve:tasks"
     # The in-process store (tasks kept until twice their result TTL, finished or not): at
-    # most this many, this many bytes of requests and responses, this many per API key.
+    # most this many, this many bytes of requests and responses.
     max_stored: int = 200_000
     max_stored_bytes: int = 512 * 1024 * 1024
-    max_per_key: int = 10_000
+    max_per_key: int = 10_000  # tasks kept per API key, in process and in Redis
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "task_ttl_s", "result_ttl_s", "claim_idle_s", "max_deliveries",
@@ -96,6 +96,7 @@ class Delivery:
     entry_id: str
     task_id: str
     deliveries: int  # 1 the first time; more after claims of a dead runner's entries
+    owner: str = ""  # the submitting key's hash (its quota is kept in Redis)
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,10 +69,9 @@ def repo(tmp_path):
 
 def make(repo):
     batcher = ScriptedBatcher()
-    gateway = Gateway(ModelRepository(repo), batcher)
-    router = Router(gateway, CollectorRegistry())
-    gateway.router = router
-    return gateway, router, batcher
+    gateway = Gateway(ModelRepository(repo), batcher,
+                      routing=functools.partial(Router, registry=CollectorRegistry()))
+    return gateway, gateway.router, batcher
 
 
 def call(model="digits", version="", key=""):

@@ -10,6 +10,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshserve.pb.inference import grpc_service_pb2 as pb
 from meshserve.pb.inference import grpc_service_pb2_grpc as pb_grpc
@@ -67,6 +68,60 @@ def test_a_large_unauthenticated_message_is_refused_before_it_is_read(keyed_gate
     codes, grown = asyncio.run(main())
     assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 8
     assert grown < 60 * MiB, f"the gateway's peak memory grew by {grown / MiB:.0f} MiB"
+
+
+def test_a_large_health_check_without_a_key_is_answered_without_reading_it(keyed_gateway):
+    """grpc.health.v1 stays open to callers without a key (Kubernetes probes carry none),
+    so its body cannot be refused from the metadata: eight 60 MiB Checks (a 60 MiB service
+    name) are answered from the server's overall status without the body being read, and
+    the gateway's peak memory does not grow by even one of them. Before, each was read and
+    parsed (the name looked up: NOT_FOUND) and the peak grew by hundreds of MiB."""
+    big = health_pb2.HealthCheckRequest(service="s" * (60 * MiB))
+
+    async def main():
+        async with grpc.aio.insecure_channel(
+                keyed_gateway.address,
+                options=[("grpc.max_send_message_length", 100 * MiB)]) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            async def one(request):
+                try:
+                    return (await stub.Check(request, timeout=60)).status
+                except grpc.aio.AioRpcError as e:
+                    return e.code()
+
+            # Warm up as above (the first large receive allocates gRPC's buffers once).
+            await asyncio.gather(*(one(health_pb2.HealthCheckRequest()) for _ in range(8)))
+            await one(big)
+            before = peak_rss_bytes(keyed_gateway.proc.pid)
+            answers = await asyncio.gather(*(one(big) for _ in range(8)))
+            return answers, peak_rss_bytes(keyed_gateway.proc.pid) - before
+
+    answers, grown = asyncio.run(main())
+    assert answers == [health_pb2.HealthCheckResponse.SERVING] * 8
+    assert grown < 60 * MiB, f"the gateway's peak memory grew by {grown / MiB:.0f} MiB"
+
+
+def test_health_without_a_key_is_about_the_whole_server(keyed_gateway):
+    """A keyless Check or Watch is answered for service "" (what probes ask); a caller
+    with a key gets grpc.health.v1 exactly (an unknown service: NOT_FOUND)."""
+    async def main():
+        async with grpc.aio.insecure_channel(keyed_gateway.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            unknown = health_pb2.HealthCheckRequest(service="no.such.Service")
+            keyless = await stub.Check(unknown, timeout=30)
+            bad_key = await stub.Check(unknown, timeout=30,
+                                       metadata=(("authorization", "Bearer wrong"),))
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.Check(unknown, timeout=30,
+                                 metadata=(("authorization", "Bearer key-digits"),))
+            watch = stub.Watch(unknown, timeout=30)
+            first = await watch.read()
+            watch.cancel()
+            return keyless.status, bad_key.status, e.value.code(), first.status
+
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert asyncio.run(main()) == (serving, serving, grpc.StatusCode.NOT_FOUND, serving)
 
 
 def requests_ok(gateway) -> float:

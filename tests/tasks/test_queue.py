@@ -11,7 +11,7 @@ import redis
 from meshserve.common.errors import InvalidInput, NotFound, Overloaded, Unavailable
 from meshserve.tasks.core import AsyncTasks
 from meshserve.tasks.queues import GROUP, DeadLetter, MemoryQueue, RedisQueue
-from meshserve.tasks.records import NewTask, QueueSettings, State, now_ms
+from meshserve.tasks.records import NewTask, QueueSettings, Started, State, now_ms
 from meshserve.tasks.runner import Runner
 
 
@@ -172,6 +172,50 @@ def test_deadline_and_result_ttl_expiry(make_queue):
         with pytest.raises(NotFound):
             await tasks.get(done)
     run(make_queue, test, clock, result_ttl_s=1.0)
+
+
+def test_100k_tasks_from_one_key_stop_at_its_quota(make_queue):
+    """Both backends: a key holds at most max_per_key tasks (waiting, running, or finished
+    and kept for twice the result TTL), refused RESOURCE_EXHAUSTED past it, all or none;
+    other keys and keyless tasks are not affected; a task frees its place once forgotten,
+    and a finished or cancelled one is forgotten twice the result TTL after it ended."""
+    clock = Clock()
+
+    async def test(queue, tasks):
+        accepted, why = 0, ""
+        while accepted < 100_000:
+            try:
+                accepted += len(await queue.submit([NewTask(b"r", owner="key-a")] * 10))
+            except Overloaded as e:
+                why = str(e)
+                break
+        assert accepted == 50
+        assert "this API key holds 50 tasks" in why and "at most 50" in why
+        assert len(await queue.submit([NewTask(b"r", owner="key-b")] * 50)) == 50
+        assert len(await queue.submit([NewTask(b"r")] * 60)) == 60  # no key: no quota
+        with pytest.raises(Overloaded, match="holds 50 tasks"):  # key-b's; all or none
+            await queue.submit([NewTask(b"r", owner="key-c")] * 45
+                               + [NewTask(b"r", owner="key-b")])
+        assert len(await queue.submit([NewTask(b"r", owner="key-c")] * 50)) == 50
+        # key-a's first 3 finish (begun by a runner), the next 2 are cancelled.
+        deliveries = await queue.read("c1", 5, 0.1)
+        for d in deliveries[:3]:
+            assert isinstance(await queue.begin(d), Started)
+            assert await queue.finish(d, State.SUCCEEDED, b"out", 0, "")
+        for d in deliveries[3:]:
+            assert (await queue.cancel(d.task_id)).state == State.CANCELLED
+        views = [await queue.get(d.task_id) for d in deliveries]
+        assert all(v.owner == "key-a" and v.state.done for v in views)
+        with pytest.raises(Overloaded):
+            await queue.submit([NewTask(b"r", owner="key-a")])  # finished ones still count
+        clock.advance(2.5)  # past twice the result TTL of the 5 ended, not the others' deadline
+        assert len(await queue.submit([NewTask(b"r", owner="key-a")] * 5)) == 5
+        with pytest.raises(Overloaded, match="holds 50 tasks"):
+            await queue.submit([NewTask(b"r", owner="key-a")])
+        clock.advance(100 + 2)  # every task's deadline and twice the result TTL
+        assert len(await queue.submit([NewTask(b"r", owner="key-a")] * 50)) == 50
+    run(make_queue, test, clock, max_per_key=50, max_queue=1000, task_ttl_s=100,
+        result_ttl_s=1.0)
 
 
 def test_transient_failure_is_retried_then_succeeds(make_queue):

@@ -10,9 +10,10 @@ from meshserve.tasks.queues.contract import (
     Watchers,
     consumer_name,
     full_message,
+    quota_message,
 )
 from meshserve.tasks.queues.memory_backend import MemoryQueue
 from meshserve.tasks.queues.redis_backend import RedisQueue
 
 __all__ = ["DEAD_LETTER_MAXLEN", "GROUP", "DeadLetter", "MemoryQueue", "RedisQueue",
-           "TaskQueue", "Watchers", "consumer_name", "full_message"]
+           "TaskQueue", "Watchers", "consumer_name", "full_message", "quota_message"]

@@ -45,6 +45,11 @@ def full_message(length: int, adding: int, max_queue: int) -> str:
             f"the bound of {max_queue}; retry later")
 
 
+def quota_message(held: int, max_per_key: int) -> str:
+    return (f"this API key holds {held} tasks (waiting, running, or finished and kept for "
+            f"twice the result TTL), at most {max_per_key}: retry once some are forgotten")
+
+
 class Watchers:
     """Local events for Watch: notify(task_id) wakes every watcher of that task."""
 

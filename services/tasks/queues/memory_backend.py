@@ -17,6 +17,7 @@ from meshserve.tasks.queues.contract import (
     DeadLetter,
     Watchers,
     full_message,
+    quota_message,
 )
 from meshserve.tasks.records import (
     CODE_CANCELLED,
@@ -117,9 +118,7 @@ class MemoryQueue:
         for owner, n in adding.items():
             held = self._per_owner.get(owner, 0)
             if owner and held + n > s.max_per_key:
-                raise Overloaded(
-                    f"this API key holds {held} tasks (waiting, running or finished and not "
-                    f"yet expired), at most {s.max_per_key}: read or wait for them to expire")
+                raise Overloaded(quota_message(held, s.max_per_key))
 
     def _keep_until(self, task_id: str, at_ms: int) -> None:
         self.tasks[task_id].fields["forget_ms"] = str(at_ms)

@@ -1,13 +1,15 @@
 """The durable task queue on Redis Streams.
 
 Redis layout (prefix P, default "meshserve:tasks"):
-  P:queue          stream of task ids; consumer group "runners". An entry is removed (XACK +
+  P:queue          stream of task ids (and owners); consumer group "runners". An entry is removed (XACK +
                    XDEL) once its task is done, so XLEN is the tasks waiting or running.
   P:task:<id>      hash: state, request (serialized protobuf, dropped when done), times,
                    error, owner (the submitting key's hash), runs (starts), finishes
                    (completions: 1 at most). TTL.
   P:result:<id>    the serialized ModelInferResponse, TTL result_ttl_s.
   P:idem:<key>     idempotency key -> task id (SET NX), as long-lived as the task.
+  P:held:<owner>   sorted set: the ids of the tasks an API key holds, scored by when each is
+                   forgotten (the key's quota, max_per_key: RESOURCE_EXHAUSTED past it).
   P:dead           dead-letter stream: tasks given up after max_deliveries.
   P:events         pub/sub channel: the id of every task whose state changed (for Watch).
 
@@ -37,6 +39,7 @@ from meshserve.tasks.queues.contract import (
     DeadLetter,
     Watchers,
     full_message,
+    quota_message,
 )
 from meshserve.tasks.records import (
     CODE_CANCELLED,
@@ -114,6 +117,9 @@ class RedisQueue:
     def idem_key(self, key: str) -> str:
         return f"{self.settings.key_prefix}:idem:{key}"
 
+    def held_key(self, owner: str) -> str:
+        return f"{self.settings.key_prefix}:held:{owner}"
+
     async def start(self) -> None:
         await self._ensure_group()
 
@@ -141,15 +147,19 @@ class RedisQueue:
     async def submit(self, tasks: Sequence[NewTask]) -> list[str]:
         now = self.clock()
         keys = [self.stream]
-        args: list = [self.settings.max_queue, now, len(tasks), int(self.settings.result_ttl_s * 1000)]
+        s = self.settings
+        args: list = [s.max_queue, now, len(tasks), int(s.result_ttl_s * 1000), s.max_per_key]
         for t in tasks:
             tid = new_task_id()
-            keys += [self.task_key(tid), self.idem_key(t.idempotency_key or tid)]
+            keys += [self.task_key(tid), self.idem_key(t.idempotency_key or tid),
+                     self.held_key(t.owner)]
             args += [tid, "1" if t.idempotency_key else "0",
-                     deadline_ms(now, self.settings, t.timeout_s), t.request, t.owner]
+                     deadline_ms(now, s, t.timeout_s), t.request, t.owner]
         out = await self._call(self._submit, keys, args)
         if out[0] == 0:
-            raise Overloaded(full_message(int(out[1]), len(tasks), self.settings.max_queue))
+            raise Overloaded(full_message(int(out[1]), len(tasks), s.max_queue))
+        if out[0] == 2:
+            raise Overloaded(quota_message(int(out[1]), s.max_per_key))
         return [_str(x) for x in out[1:]]
 
     async def get(self, task_id: str) -> TaskView:
@@ -170,7 +180,9 @@ class RedisQueue:
 
     async def cancel(self, task_id: str) -> TaskView:
         check_task_id(task_id)
-        await self._call(self._cancel, [self.task_key(task_id), self.stream],
+        owner = await self._run(self.redis.hget(self.task_key(task_id), "owner"))
+        await self._call(self._cancel, [self.task_key(task_id), self.stream,
+                                        self.held_key(_str(owner or ""))],
                          [self.clock(), int(self.settings.result_ttl_s * 1000), self.channel, task_id,
                           CODE_CANCELLED])
         return await self.get(task_id)
@@ -219,8 +231,8 @@ class RedisQueue:
                 await self._ensure_group()
                 return []
             raise
-        return [Delivery(_str(eid), _str(f[b"t"]), 1) for _s, entries in reply or []
-                for eid, f in entries if f]
+        return [Delivery(_str(eid), _str(f[b"t"]), 1, _str(f.get(b"o", b"")))
+                for _s, entries in reply or [] for eid, f in entries if f]
 
     async def claim(self, consumer: str, count: int) -> list[Delivery]:
         """Entries idle past claim_idle_s (their runner died, or released them)."""
@@ -243,7 +255,7 @@ class RedisQueue:
         out = []
         for (eid, f), p in zip(entries, pending, strict=True):
             deliveries = int(p[0]["times_delivered"]) if p else self.settings.max_deliveries + 1
-            out.append(Delivery(_str(eid), _str(f[b"t"]), deliveries))
+            out.append(Delivery(_str(eid), _str(f[b"t"]), deliveries, _str(f.get(b"o", b""))))
         return out
 
     async def touch(self, consumer: str, entry_ids: Sequence[str]) -> None:
@@ -254,7 +266,8 @@ class RedisQueue:
 
     async def begin(self, d: Delivery) -> Started | str:
         out = await self._call(
-            self._begin, [self.task_key(d.task_id), self.stream, self.dead],
+            self._begin, [self.task_key(d.task_id), self.stream, self.dead,
+                          self.held_key(d.owner)],
             [GROUP, d.entry_id, self.clock(), d.deliveries, self.settings.max_deliveries,
              int(self.settings.result_ttl_s * 1000), self.channel, d.task_id,
              CODE_DEADLINE_EXCEEDED, CODE_INTERNAL, DEAD_LETTER_MAXLEN])
@@ -265,7 +278,8 @@ class RedisQueue:
     async def finish(self, d: Delivery, state: State, response: bytes, code: int,
                      message: str) -> bool:
         out = await self._call(
-            self._finish, [self.task_key(d.task_id), self.stream, self.result_key(d.task_id)],
+            self._finish, [self.task_key(d.task_id), self.stream, self.result_key(d.task_id),
+                           self.held_key(d.owner)],
             [GROUP, d.entry_id, self.clock(), int(self.settings.result_ttl_s * 1000), int(state),
              code, message, response, self.channel, d.task_id])
         return out == 1

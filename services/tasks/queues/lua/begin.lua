@@ -1,4 +1,4 @@
--- KEYS: task, stream, dead. ARGV: group, entry, now, deliveries, max_deliveries, result_ttl,
+-- KEYS: task, stream, dead, held (the owner's quota). ARGV: group, entry, now, deliveries, max_deliveries, result_ttl,
 -- channel, task_id, deadline_code, internal_code, dead_maxlen.
 -- -> {'run', request, deadline, submitted} or {why}
 local function ack() redis.call('XACK', KEYS[2], ARGV[1], ARGV[2]); redis.call('XDEL', KEYS[2], ARGV[2]) end
@@ -9,7 +9,7 @@ local state = tonumber(f[1])
 if state ~= 1 and state ~= 2 then ack(); return {'done'} end
 local now, ttl = tonumber(ARGV[3]), tonumber(ARGV[6])
 if now >= tonumber(f[2]) then
-  finish(KEYS[1], now, ttl, 6, ARGV[9], 'the task waited past its deadline')
+  finish(KEYS[1], now, ttl, 6, ARGV[9], 'the task waited past its deadline', KEYS[4], ARGV[8])
   ack(); redis.call('PUBLISH', ARGV[7], ARGV[8]); return {'expired'}
 end
 if tonumber(ARGV[4]) > tonumber(ARGV[5]) then
@@ -20,7 +20,7 @@ if tonumber(ARGV[4]) > tonumber(ARGV[5]) then
   local msg = 'gave up after ' .. ARGV[5] .. ' deliveries: ' .. why
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[11], '*', 't', ARGV[8], 'deliveries', ARGV[4],
              'error', msg)
-  finish(KEYS[1], now, ttl, 4, code, msg)
+  finish(KEYS[1], now, ttl, 4, code, msg, KEYS[4], ARGV[8])
   ack(); redis.call('PUBLISH', ARGV[7], ARGV[8]); return {'dead'}
 end
 redis.call('HSET', KEYS[1], 'state', 2, 'started_ms', ARGV[3])
