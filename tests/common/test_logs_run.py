@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 
 import pytest
@@ -35,3 +36,32 @@ def test_run_ends_an_expected_failure_with_exit_code_1():
     finally:
         gc.unfreeze()
     assert exited.value.code == 1
+
+
+@pytest.mark.parametrize("choice, loop_module", [(None, "uvloop"), ("uvloop", "uvloop"),
+                                                 ("asyncio", "asyncio")])
+def test_a_service_runs_on_uvloop_unless_told_asyncio(monkeypatch, choice, loop_module):
+    if choice is None:
+        monkeypatch.delenv(logs.EVENT_LOOP_ENV, raising=False)
+    else:
+        monkeypatch.setenv(logs.EVENT_LOOP_ENV, choice)
+    seen = {}
+
+    async def main():
+        seen["loop"] = type(asyncio.get_running_loop()).__module__
+
+    try:
+        logs.run(main(), "test")
+    finally:
+        gc.unfreeze()
+    assert seen["loop"].split(".")[0] == loop_module
+
+
+def test_an_unknown_event_loop_ends_the_process_with_exit_code_1(monkeypatch, caplog):
+    monkeypatch.setenv(logs.EVENT_LOOP_ENV, "trio")
+    main = asyncio.sleep(0)
+    with pytest.raises(SystemExit) as exited:
+        logs.run(main, "test")
+    main.close()
+    assert exited.value.code == 1
+    assert "MESHSERVE_EVENT_LOOP must be uvloop or asyncio, got 'trio'" in caplog.text
