@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 
@@ -21,7 +22,7 @@ from meshserve.common import grpcutil, tracing
 from meshserve.common.errors import DeadlineExceeded, MeshError, Unavailable
 from meshserve.common.hops import HopCount
 from meshserve.common.transport import Transport
-from meshserve.pb.meshserve.v1 import batcher_pb2, batcher_pb2_grpc, tensor_pb2
+from meshserve.pb.meshserve.v1 import batcher_pb2, batcher_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ class _Stream:
         self.target = target
         self.sent, self.received = sent, received  # requests out, results back
         self.pending: dict[int, asyncio.Future] = {}
-        self._requests: list[batcher_pb2.InferRequest] = []
+        # The next message, its requests built in place (see add): no copy of them.
+        self._message = batcher_pb2.InferRequests(result_blocks=True)
         self._cancelled: list[int] = []
         self._withdrawn: list[int] = []
         self._wake = asyncio.Event()
@@ -55,10 +57,30 @@ class _Stream:
         self._call = stub.Infer(self._outgoing())
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
-    def send(self, request: batcher_pb2.InferRequest, future: asyncio.Future) -> None:
-        self.pending[request.request_id] = future
-        self._requests.append(request)
+    def add(self, request_id: int, future: asyncio.Future, model: str, version: str,
+            inputs, outputs: list[str], priority: int, timeout_us: int,
+            traceparent: str) -> batcher_pb2.InferRequest:
+        """A request built straight into the next message: each input's bytes are copied
+        once, into it (no Tensor or InferRequest of its own to copy again)."""
+        request = self._message.requests.add(
+            request_id=request_id, model=model, version=version, outputs=outputs,
+            priority=priority, timeout_us=timeout_us, traceparent=traceparent)
+        add = request.inputs.add
+        for t in inputs:
+            add(name=t.name, datatype=t.datatype, shape=t.shape, data=t.data)
+        self.pending[request_id] = future
         self._wake.set()
+        return request
+
+    def resend(self, request_id: int, future: asyncio.Future,
+               request: batcher_pb2.InferRequest) -> batcher_pb2.InferRequest:
+        """A request another stream's batcher refused, sent again on this one."""
+        copy = self._message.requests.add()
+        copy.CopyFrom(request)
+        copy.request_id = request_id
+        self.pending[request_id] = future
+        self._wake.set()
+        return copy
 
     def cancel(self, request_id: int, withdrawn: bool = False) -> None:
         if self.pending.pop(request_id, None) is not None and self.alive:
@@ -67,15 +89,18 @@ class _Stream:
 
     async def _outgoing(self):
         while True:
-            while (not self._requests and not self._cancelled and not self._withdrawn) or (
+            while (not self._message.requests and not self._cancelled
+                   and not self._withdrawn) or (
                     self._acks_seen and self._unacked >= MAX_UNACKED_MESSAGES):
                 self._wake.clear()
                 await self._wake.wait()
-            message = batcher_pb2.InferRequests(requests=self._requests, cancelled=self._cancelled,
-                                                withdrawn=self._withdrawn)
-            self.sent.add(len(self._requests))
+            message = self._message
+            message.cancelled.extend(self._cancelled)
+            message.withdrawn.extend(self._withdrawn)
+            self.sent.add(len(message.requests))
             self._unacked += 1
-            self._requests, self._cancelled, self._withdrawn = [], [], []
+            self._message = batcher_pb2.InferRequests(result_blocks=True)
+            self._cancelled, self._withdrawn = [], []
             yield message
 
     async def _read(self) -> None:
@@ -87,10 +112,13 @@ class _Stream:
                     self._acks_seen = True
                     self._unacked = max(0, self._unacked - message.received)
                     self._wake.set()
+                pending = self.pending
                 for r in message.results:
-                    future = self.pending.pop(r.request_id, None)
+                    future = pending.pop(r.request_id, None)
                     if future is not None and not future.done():
                         future.set_result(r)
+                for b in message.blocks:
+                    deliver_block(b, pending, self.target)
         except grpc.aio.AioRpcError as e:
             error = grpcutil.error_from_rpc(e, f"the batcher at {self.target}")
             if not isinstance(error, Unavailable):
@@ -182,35 +210,41 @@ class BatcherClient:
                                                 self.received)
         return stream
 
-    async def infer(self, model: str, version: str, inputs: list[tensor_pb2.Tensor],
-                    outputs: list[str], priority: int = 0,
-                    timeout_s: float | None = None) -> batcher_pb2.InferResult:
+    async def infer(self, model: str, version: str, inputs, outputs: list[str],
+                    priority: int = 0, timeout_s: float | None = None
+                    ) -> batcher_pb2.InferResult:
         """One request through a shared stream; raises the domain error of its result.
         A request a draining batcher refused (never queued) goes out again on another
         stream, which the channel opens to another batcher."""
         return await self.result(self.send(model, version, inputs, outputs, priority,
                                            timeout_s))
 
-    def send(self, model: str, version: str, inputs: list[tensor_pb2.Tensor],
-             outputs: list[str], priority: int = 0, timeout_s: float | None = None) -> Sent:
-        """Sends a request now; `await result(sent)` for its result, or `cancel(sent)`."""
-        request = batcher_pb2.InferRequest(
-            model=model, version=version, inputs=inputs, outputs=outputs, priority=priority,
-            timeout_us=max(1, int(timeout_s * 1e6)) if timeout_s else 0,
-            traceparent=tracing.current_traceparent(),  # the caller's trace context
-        )
-        return self._send(request, timeout_s)
-
-    def _send(self, request: batcher_pb2.InferRequest, timeout_s: float | None) -> Sent:
-        request.request_id = next(self._ids)
+    def send(self, model: str, version: str, inputs, outputs: list[str], priority: int = 0,
+             timeout_s: float | None = None) -> Sent:
+        """Sends a request now; `await result(sent)` for its result, or `cancel(sent)`.
+        inputs: tensors with name, datatype, shape and data (bytes), e.g. the gateway's
+        InputTensor records or meshserve.v1 Tensors."""
         stream = self._stream()
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        stream.send(request, future)
+        future = asyncio.get_running_loop().create_future()
+        request = stream.add(
+            next(self._ids), future, model, version, inputs, outputs, priority,
+            max(1, int(timeout_s * 1e6)) if timeout_s else 0,
+            tracing.current_traceparent())  # the caller's trace context
+        return self._sent(request, timeout_s, stream, future)
+
+    def _sent(self, request: batcher_pb2.InferRequest, timeout_s: float | None,
+              stream: _Stream, future: asyncio.Future) -> Sent:
         # The batcher answers DEADLINE_EXCEEDED itself; this timer only bounds a stuck hop
         # (a timer on the future costs less than wait_for's extra task per request).
-        timer = loop.call_later(timeout_s + 1.0, _expire, future, timeout_s) if timeout_s else None
+        timer = (asyncio.get_running_loop().call_later(timeout_s + 1.0, _expire, future,
+                                                       timeout_s) if timeout_s else None)
         return Sent(request, timeout_s, stream, future, timer)
+
+    def _resend(self, sent: Sent) -> Sent:
+        stream = self._stream()
+        future = asyncio.get_running_loop().create_future()
+        request = stream.resend(next(self._ids), future, sent.request)
+        return self._sent(request, sent.timeout_s, stream, future)
 
     def cancel(self, sent: Sent) -> None:
         """The caller no longer needs the result: the batcher drops the request (not
@@ -236,7 +270,7 @@ class BatcherClient:
                     and retries > 0):
                 sent.stream.draining = True
                 retries -= 1
-                sent = self._send(sent.request, sent.timeout_s)
+                sent = self._resend(sent)
                 continue
             if result.code != 0:
                 raise grpcutil.error_from_code(result.code, result.message)
@@ -318,6 +352,90 @@ class BatcherClient:
 
     async def model_states(self, model: str = "") -> batcher_pb2.ModelStatesResponse:
         return await self._unary("ModelStates", batcher_pb2.ModelStatesRequest(model=model))
+
+
+def deliver_block(b: batcher_pb2.ResultBlock, pending: dict[int, asyncio.Future],
+                  target: str) -> None:
+    """Each pending request of a block gets its rows of the block's outputs (sliced when
+    its response is built); a block that does not add up fails its requests."""
+    futures = [pending.pop(request_id, None) for request_id in b.request_ids]
+    try:
+        block = _Block(b)
+    except ValueError as e:
+        error = Unavailable(f"the batcher at {target} sent a bad result block: {e}")
+        for future in futures:
+            if future is not None and not future.done():
+                future.set_exception(error)
+        return
+    row = 0
+    for future, rows, queue_ns in zip(futures, b.rows or (0,), b.queue_ns, strict=True):
+        if future is not None and not future.done():
+            future.set_result(BlockResult(block, row, rows, queue_ns))
+        row += rows
+
+
+class Output(NamedTuple):
+    """One output of a request's result: raw row-major little-endian bytes."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+class _Block:
+    """A ResultBlock's outputs, read once for all its requests: (name, datatype, shape
+    past dimension 0, bytes, bytes per row)."""
+
+    __slots__ = ("tensors", "batched", "compute_ns", "batch_size")
+
+    def __init__(self, b: batcher_pb2.ResultBlock):
+        self.compute_ns, self.batch_size = b.compute_ns, b.batch_size
+        self.batched = bool(b.rows)
+        n = len(b.request_ids)
+        if len(b.queue_ns) != n or (b.rows and len(b.rows) != n) or (not b.rows and n != 1):
+            raise ValueError(f"{n} requests, {len(b.rows)} row counts, "
+                             f"{len(b.queue_ns)} queue times")
+        rows = sum(b.rows)
+        self.tensors = []
+        for t in b.outputs:
+            shape, data = tuple(t.shape), t.data
+            if not self.batched:
+                self.tensors.append(Output(t.name, t.datatype, shape, data))
+                continue
+            if not shape or shape[0] != rows or len(data) % max(rows, 1):
+                raise ValueError(f"output '{t.name}' has shape {list(shape)} and "
+                                 f"{len(data)} bytes for {rows} rows")
+            self.tensors.append((t.name, t.datatype, shape[1:], data, len(data) // max(rows, 1)))
+
+
+class BlockResult:
+    """One request's result out of a ResultBlock (what InferResult carries otherwise)."""
+
+    __slots__ = ("block", "row", "rows", "queue_ns")
+    code = 0
+    message = ""
+
+    def __init__(self, block: _Block, row: int, rows: int, queue_ns: int):
+        self.block, self.row, self.rows, self.queue_ns = block, row, rows, queue_ns
+
+    @property
+    def compute_ns(self) -> int:
+        return self.block.compute_ns
+
+    @property
+    def batch_size(self) -> int:
+        return self.block.batch_size
+
+    @property
+    def outputs(self) -> list[Output]:
+        block = self.block
+        if not block.batched:
+            return block.tensors
+        start, rows = self.row, self.rows
+        return [Output(name, datatype, (rows, *inner),
+                       data[start * per_row:(start + rows) * per_row])
+                for name, datatype, inner, data, per_row in block.tensors]
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from meshserve.batcher.adaptive import AdaptivePolicy, ArrivalRate
 from meshserve.batcher.queue import BatchPolicy, BatchQueue, Plan
-from meshserve.batcher.records import Batch, InferResult, RawTensor, Request
+from meshserve.batcher.records import Batch, BatchOutputs, InferResult, RawTensor, Request
 from meshserve.batcher.stats import ModelStats, Statistics
 from meshserve.batcher.workers import Key, PooledWorker, WorkerPool
 from meshserve.common import tracing
@@ -329,18 +329,16 @@ class Batcher:
                     f"model worker {worker.address} returned "
                     f"{[list(t.shape) for t in outcome.outputs]} for a batch of {batch.rows} rows"))
                 return
+        # Every result refers to the batch's outputs: no tensor per request here.
+        shared = BatchOutputs(outcome.outputs, batching)
+        closed_s, compute_ns, rows = batch.closed_s, outcome.compute_ns, batch.rows
         offset = 0
         for r in batch.requests:
-            outputs = tuple(
-                (t.rows_slice(offset, offset + r.rows) if batching else t)
-                for t in outcome.outputs if not r.outputs or t.name in r.outputs
-            )
-            offset += r.rows
             self._answer(r, InferResult(
-                r.request_id, None, outputs,
-                queue_ns=int((batch.closed_s - r.enqueued_s) * 1e9),
-                compute_ns=outcome.compute_ns, batch_size=batch.rows,
-            ))
+                r.request_id, None, queue_ns=int((closed_s - r.enqueued_s) * 1e9),
+                compute_ns=compute_ns, batch_size=rows, shared=shared, row=offset,
+                rows=r.rows, names=r.outputs))
+            offset += r.rows
 
     def _answer_all(self, batch: Batch, error: MeshError) -> None:
         for r in batch.requests:
@@ -353,6 +351,8 @@ class Batcher:
         if r.future.done():
             return
         r.future.set_result(result)
+        if r.on_result is not None:
+            r.on_result(r, result)
         if r.withdrawn:
             return
         code = "OK" if result.error is None else result.error.code_name
@@ -659,6 +659,8 @@ class Session:
         self._ready = asyncio.Event()
         self._input_ended = False
         self._received = 0  # messages read and not yet acknowledged (flow control)
+        # The caller reads ResultBlocks (InferRequests.result_blocks).
+        self.blocks = False
 
     def submit(self, request_id: int, model: str, version: str, inputs: list[RawTensor],
                outputs: list[str], priority: int, timeout_us: int, traceparent: str = "") -> None:
@@ -673,7 +675,7 @@ class Session:
             self._post(InferResult(request_id, e))
             return
         self.pending[request_id] = request
-        request.future.add_done_callback(lambda f, rid=request_id: self._done(rid, f))
+        request.on_result = self._done
 
     def fail(self, request_id: int, error: MeshError) -> None:
         """A request that could not even be read (bad tensor): answered at once."""
@@ -685,10 +687,9 @@ class Session:
             request.withdrawn = withdrawn
             self.batcher.cancel(request)
 
-    def _done(self, request_id: int, future: asyncio.Future) -> None:
-        self.pending.pop(request_id, None)
-        if not future.cancelled():
-            self._post(future.result())
+    def _done(self, request: Request, result: InferResult) -> None:
+        self.pending.pop(request.request_id, None)
+        self._post(result)
 
     def _post(self, result: InferResult) -> None:
         self._outbox.append(result)

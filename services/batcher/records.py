@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,16 +75,51 @@ def join_rows(parts: list[RawTensor]) -> RawTensor:
     return RawTensor(first.name, first.datatype, (rows, *first.shape[1:]), data)
 
 
-@dataclass(frozen=True, slots=True)
-class InferResult:
-    """The answer to one request: outputs, or a non-zero status code and message."""
+def tensor_bytes(t: RawTensor) -> bytes:
+    """The tensor's bytes: the received bytes object itself when the tensor is all of it
+    (no copy), else a copy."""
+    base = t.data.base
+    if type(base) is bytes and len(base) == t.data.nbytes:
+        return base
+    return t.data.tobytes()
 
-    request_id: int
-    error: MeshError | None = None  # None: OK, outputs set
-    outputs: tuple[RawTensor, ...] = ()
-    queue_ns: int = 0
-    compute_ns: int = 0
-    batch_size: int = 0
+
+@dataclass(frozen=True, slots=True)
+class BatchOutputs:
+    """A batch's outputs, shared by the results of its requests (each knows its rows)."""
+
+    tensors: tuple[RawTensor, ...]
+    batched: bool  # dimension 0 counts rows; False: one request, whose outputs they are
+
+
+class InferResult:
+    """The answer to one request: outputs, or a non-zero status code and message.
+    A request of a batch refers to the batch's outputs (shared) and its rows in them,
+    so answering a batch makes no tensor per request; `outputs` slices them on demand."""
+
+    __slots__ = ("request_id", "error", "_outputs", "queue_ns", "compute_ns", "batch_size",
+                 "shared", "row", "rows", "names")
+
+    def __init__(self, request_id: int, error: MeshError | None = None,
+                 outputs: tuple[RawTensor, ...] = (), queue_ns: int = 0, compute_ns: int = 0,
+                 batch_size: int = 0, shared: BatchOutputs | None = None, row: int = 0,
+                 rows: int = 0, names: tuple[str, ...] = ()):
+        self.request_id = request_id
+        self.error = error  # None: OK, outputs set
+        self._outputs = outputs
+        self.queue_ns, self.compute_ns, self.batch_size = queue_ns, compute_ns, batch_size
+        self.shared = shared
+        self.row, self.rows = row, rows  # the request's rows in shared's tensors
+        self.names = names  # the outputs the request asked for; empty: every output
+
+    @property
+    def outputs(self) -> tuple[RawTensor, ...]:
+        shared = self.shared
+        if shared is None:
+            return self._outputs
+        return tuple(
+            (t.rows_slice(self.row, self.row + self.rows) if shared.batched else t)
+            for t in shared.tensors if not self.names or t.name in self.names)
 
 
 @dataclass(eq=False, slots=True)
@@ -104,6 +140,9 @@ class Request:
     cancelled: bool = False
     withdrawn: bool = False  # the caller needs it no more (not a failure)
     traceparent: str = ""  # W3C trace context of the request ("" if none)
+    # Called with the request and its result when it is answered (before the future's
+    # callbacks run): a session's outbox, without a callback scheduled per request.
+    on_result: Callable[[Request, InferResult], None] | None = None
 
     @property
     def done(self) -> bool:

@@ -23,8 +23,7 @@ class BatcherServicer(batcher_pb2_grpc.BatcherServicer):
         try:
             while (drained := await session.drain()) is not None:
                 results, received = drained
-                yield batcher_pb2.InferResults(
-                    results=[convert.result_to_pb(r) for r in results], received=received)
+                yield convert.results_to_pb(results, received, session.blocks)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -55,6 +54,8 @@ async def _read(request_iterator, session: Session) -> None:
     """Feeds the session from the gateway's messages until it half-closes."""
     try:
         async for message in request_iterator:
+            if message.result_blocks:
+                session.blocks = True
             for r in message.requests:
                 try:
                     inputs = [convert.tensor_from_pb(t) for t in r.inputs]

@@ -32,7 +32,7 @@ from meshserve.common.validation import (
 )
 from meshserve.gateway.l1 import L1Cache
 from meshserve.gateway.routing import LoadTracker
-from meshserve.pb.meshserve.v1 import batcher_pb2, cache_pb2, tensor_pb2
+from meshserve.pb.meshserve.v1 import batcher_pb2, cache_pb2
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ HIT_RATE_ALPHA = 0.05
 L1_DEFAULT_TTL_S = 60
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per request, and a frozen init costs 3x
 class InferCall:
     model: str
     version: str  # "" = the model's default version
@@ -62,7 +62,7 @@ class InferCall:
 @dataclass(frozen=True, slots=True)
 class InferOutcome:
     version: str
-    outputs: Sequence[tensor_pb2.Tensor]
+    outputs: Sequence  # records with name, datatype, shape, data (meshserve.v1 Tensor alike)
     cache_hit: bool
     queue_ns: int = 0
     compute_ns: int = 0
@@ -104,6 +104,15 @@ def _cached(value: bytes, output_names: list[str], version: str, model: str
     if not all(name in cached for name in output_names):
         return None
     return InferOutcome(version, [cached[n] for n in output_names], cache_hit=True, model=model)
+
+
+def _cached_value(outputs) -> bytes:
+    """A cache entry of outputs (records with name, datatype, shape, data)."""
+    cached = cache_pb2.CachedOutputs()
+    add = cached.outputs.add
+    for t in outputs:
+        add(name=t.name, datatype=t.datatype, shape=t.shape, data=t.data)
+    return cached.SerializeToString()
 
 
 class Catalog:
@@ -205,13 +214,6 @@ class Catalog:
         return entry.config, version
 
 
-def _wire(inputs) -> list[tensor_pb2.Tensor]:
-    """The batcher's tensors, built only for a request that goes to the batcher (an L1 hit
-    never needs them)."""
-    return [tensor_pb2.Tensor(name=t.name, datatype=t.datatype, shape=t.shape, data=t.data)
-            for t in inputs]
-
-
 class Gateway:
     def __init__(self, repository: ModelRepository, batcher, cache=None,
                  cache_timeout_s: float = 0.05, control=None, l1: L1Cache | None = None,
@@ -311,7 +313,7 @@ class Gateway:
             # at once instead of after the answer (one hop less of latency); a hit then
             # withdraws it.
             if counts.hit_rate < SPECULATE_BELOW_HIT_RATE:
-                sent = self.batcher.send(config.name, version, _wire(call.inputs), output_names,
+                sent = self.batcher.send(config.name, version, call.inputs, output_names,
                                          call.priority, call.timeout_s)
             try:
                 result = await self.cache.lookup_one(cache_key)
@@ -339,7 +341,7 @@ class Gateway:
         if sent is not None:
             result = await self.batcher.result(sent)
         else:
-            result = await self.batcher.infer(config.name, version, _wire(call.inputs),
+            result = await self.batcher.infer(config.name, version, call.inputs,
                                               output_names, call.priority, call.timeout_s)
         by_name = {t.name: t for t in result.outputs}
         try:
@@ -347,7 +349,7 @@ class Gateway:
         except KeyError as e:
             raise Unavailable(f"the batcher returned no output {e} for '{config.name}'") from None
         if cache_key is not None:
-            value = cache_pb2.CachedOutputs(outputs=outputs).SerializeToString()
+            value = _cached_value(outputs)
             self.cache.store_one(cache_pb2.StoreEntry(
                 key=cache_key, value=value, generation=generation, ttl_s=config.cache.ttl_s))
             # Kept only under a generation the service gave (a lookup that failed has none).

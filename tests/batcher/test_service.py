@@ -87,6 +87,42 @@ def test_500_concurrent_requests_get_exact_answers_in_batches(start_service, mod
     assert sum(b.compute_infer.count for b in m.batch_stats) == m.execution_count
 
 
+def test_two_gateways_with_different_output_filters_get_their_own_rows(start_service,
+                                                                      models_dir):
+    """Two clients (two gateways' streams) at once on one batcher: their requests are
+    batched together (test_result_blocks.py pins the shared batch down), each answered
+    with its own rows of the outputs it asked for."""
+    worker = start_service("model_worker", worker_args(models_dir))
+    x = rows(120, seed=3)
+    expected = reference("2", x)
+
+    async def body():
+        async with running_batcher(models_dir, [worker.address]) as (first, _rt, port):
+            second = BatcherClient(f"127.0.0.1:{port}")
+            await second.start()
+            try:
+                return await asyncio.gather(*(
+                    (first, second)[i % 2].infer(
+                        "digits", "2", [to_pb("input", x[i:i + 1 + i % 3])],
+                        ["logits"] if i % 2 else ["predictions", "probabilities"], 0, 30.0)
+                    for i in range(0, 120, 3)))
+            finally:
+                await second.close()
+
+    results = asyncio.run(body())
+    assert max(r.batch_size for r in results) > 1, "nothing was batched"
+    for i, r in zip(range(0, 120, 3), results, strict=True):
+        got = outputs_of(r)
+        n = 1 + i % 3
+        if i % 2:
+            assert list(got) == ["logits"]
+            np.testing.assert_allclose(got["logits"], expected[i:i + n], rtol=1e-4, atol=1e-5)
+        else:
+            assert sorted(got) == ["predictions", "probabilities"]
+            assert (got["predictions"] == expected[i:i + n].argmax(axis=1)).all()
+            assert got["probabilities"].shape == (n, 10)
+
+
 def test_killing_one_of_two_workers_under_load_loses_and_duplicates_nothing(
         start_service, models_dir):
     w1 = start_service("model_worker", worker_args(models_dir, "digits:2"))

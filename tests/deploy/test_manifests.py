@@ -34,7 +34,7 @@ METRICS_PORTS = {"gateway": 8002, "batcher": 8012, "worker": 8022, "cache": 8032
 OLDEST_KUBERNETES = "1.27.0"  # native gRPC probes are GA from 1.27 on
 
 BASE_KINDS = {
-    "Namespace": 1, "ServiceAccount": 6, "ConfigMap": 6, "Secret": 2, "Service": 6,
+    "Namespace": 1, "ServiceAccount": 6, "ConfigMap": 6, "Secret": 1, "Service": 6,
     "PersistentVolumeClaim": 1, "Deployment": 4, "StatefulSet": 2,
     "PodDisruptionBudget": 4, "HorizontalPodAutoscaler": 1, "NetworkPolicy": 7,
 }

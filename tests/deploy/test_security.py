@@ -1,5 +1,5 @@
 """What the manifests do for security (issue 19): pods bind their IP explicitly (the
-services default to 127.0.0.1), gateways start with keys."""
+services default to 127.0.0.1), gateways start with keys, no usable secret ships in them."""
 
 from __future__ import annotations
 
@@ -68,3 +68,22 @@ def test_the_gateway_is_reachable_from_one_namespace_only(rendered, target):  # 
         assert rule.get("from"), "a gateway port open to every namespace"
         for peer in rule["from"]:
             assert set(peer) == {"namespaceSelector"}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_no_secret_in_the_manifests_holds_a_usable_credential(rendered, target):  # noqa: F811
+    """The state Redis's password is a Secret the operator creates (none in the manifests,
+    so no default anyone could read here); every reference to it is required (a pod without
+    it does not start rather than run without a password); the API keys Secret holds hashes
+    of no known key only."""
+    secrets = [o for o in rendered[target][1] if o["kind"] == "Secret"]
+    assert [s["metadata"]["name"] for s in secrets] == ["meshserve-api-keys"]
+    for secret in secrets:
+        for value in {**secret.get("stringData", {}), **secret.get("data", {})}.values():
+            assert "password" not in value.lower() and "REPLACE" not in value
+    references = [e["valueFrom"]["secretKeyRef"] for workload in rendered[target][1]
+                  if workload["kind"] in ("Deployment", "StatefulSet")
+                  for c in workload["spec"]["template"]["spec"]["containers"]
+                  for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+    assert references and all(r["name"] == "meshserve-state-redis" and not r.get("optional")
+                              for r in references)

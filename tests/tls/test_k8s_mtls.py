@@ -1,6 +1,6 @@
 """deploy/k8s/components/mtls rendered over the CPU overlay (tests/tls/k8s-mtls): every
-meshserve pod mounts the TLS Secret, every service is pointed at it, and no probe is left
-that would speak plaintext to a TLS port."""
+meshserve pod mounts its own tier's TLS Secret, every service is pointed at it and serves
+only the tiers that call it, and no probe is left that would speak plaintext to a TLS port."""
 
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ yaml = pytest.importorskip("yaml", reason="PyYAML comes with the dev extra")
 HERE = Path(__file__).resolve().parent
 TIERS = {"gateway": 8001, "batcher": 8011, "worker": 8021, "cache": 8031}
 TLS_DIR = "/etc/meshserve/tls"
+# Who may call each internal tier (certificate common names), as in
+# tests/security/test_mtls_identity.py, which runs these flags on real processes.
+CALLERS = {"batcher": {"meshserve-gateway", "meshserve-async-runner"},
+           "worker": {"meshserve-batcher"},
+           "cache": {"meshserve-gateway", "meshserve-async-runner"}}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +51,7 @@ def test_every_tier_serves_and_calls_with_the_mounted_certificates(objects, tier
     deployment = find(objects, "Deployment", f"meshserve-{tier}")
     pod = deployment["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["tls"]["secret"]["secretName"] == "meshserve-tls"
+    assert volumes["tls"]["secret"]["secretName"] == f"meshserve-tls-{tier}"  # its identity
     [container] = pod["containers"]
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert mounts["tls"]["mountPath"] == TLS_DIR and mounts["tls"]["readOnly"]
@@ -81,3 +86,25 @@ def test_the_gateways_http_port_speaks_https(objects):
     service = find(objects, "Service", "meshserve-gateway")
     http = [p for p in service["spec"]["ports"] if p["name"] == "http"][0]
     assert http["appProtocol"] == "https"
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_each_tier_serves_only_the_tiers_that_call_it(objects, tier):
+    env = config_of(objects, find(objects, "Deployment", f"meshserve-{tier}"))
+    allowed = env.get("MESHSERVE_TLS_ALLOWED_CLIENTS")
+    if tier == "gateway":
+        assert allowed is None  # external clients: their own CA, no identity list
+    else:
+        assert set(allowed.split(",")) == CALLERS[tier]
+
+
+@pytest.mark.parametrize("tier", CALLERS)
+def test_every_caller_the_network_lets_in_is_an_allowed_identity(objects, tier):
+    """The NetworkPolicies and the identities agree: a tier let in to a port by the network
+    would otherwise be refused by the certificate check (and the mesh would not serve)."""
+    policy = find(objects, "NetworkPolicy", f"meshserve-{tier}")
+    callers = {peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+               for rule in policy["spec"]["ingress"]
+               if any(p["port"] == TIERS[tier] for p in rule.get("ports", []))
+               for peer in rule.get("from", []) if "podSelector" in peer}
+    assert callers and callers <= CALLERS[tier]

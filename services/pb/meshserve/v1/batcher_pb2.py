@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from meshserve.pb.meshserve.v1 import tensor_pb2 as meshserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x1ameshserve/v1/batcher.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/tensor.proto\"\xb4\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12$\n\x06inputs\x18\x04 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\x0f\n\x07outputs\x18\x05 \x03(\t\x12\x10\n\x08priority\x18\x06 \x01(\r\x12\x12\n\ntimeout_us\x18\x07 \x01(\x04\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\"c\n\rInferRequests\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.meshserve.v1.InferRequest\x12\x11\n\tcancelled\x18\x02 \x03(\x04\x12\x11\n\twithdrawn\x18\x03 \x03(\x04\"\xa1\x01\n\x0bInferResult\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12%\n\x07outputs\x18\x04 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\x10\n\x08queue_ns\x18\x05 \x01(\x04\x12\x12\n\ncompute_ns\x18\x06 \x01(\x04\x12\x12\n\nbatch_size\x18\x07 \x01(\r\"L\n\x0cInferResults\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.meshserve.v1.InferResult\x12\x10\n\x08received\x18\x02 \x01(\r\"3\n\x11StatisticsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"%\n\x08\x44uration\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\n\n\x02ns\x18\x02 \x01(\x04\"S\n\x0e\x42\x61tchSizeStats\x12\x12\n\nbatch_size\x18\x01 \x01(\x04\x12-\n\rcompute_infer\x18\x02 \x01(\x0b\x32\x16.meshserve.v1.Duration\"\xd1\x02\n\nModelStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x19\n\x11last_inference_ms\x18\x03 \x01(\x04\x12\x17\n\x0finference_count\x18\x04 \x01(\x04\x12\x17\n\x0f\x65xecution_count\x18\x05 \x01(\x04\x12\'\n\x07success\x18\x06 \x01(\x0b\x32\x16.meshserve.v1.Duration\x12$\n\x04\x66\x61il\x18\x07 \x01(\x0b\x32\x16.meshserve.v1.Duration\x12%\n\x05queue\x18\x08 \x01(\x0b\x32\x16.meshserve.v1.Duration\x12-\n\rcompute_infer\x18\t \x01(\x0b\x32\x16.meshserve.v1.Duration\x12\x31\n\x0b\x62\x61tch_stats\x18\n \x03(\x0b\x32\x1c.meshserve.v1.BatchSizeStats\">\n\x12StatisticsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.meshserve.v1.ModelStats\"3\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\"5\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\"#\n\x12ModelStatesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x91\x01\n\x11ModelVersionState\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07workers\x18\x05 \x03(\t\x12\x15\n\rgraph_buckets\x18\x06 \x03(\r\x12\x15\n\reager_buckets\x18\x07 \x03(\r\"H\n\x13ModelStatesResponse\x12\x31\n\x08versions\x18\x01 \x03(\x0b\x32\x1f.meshserve.v1.ModelVersionState2\xa2\x03\n\x07\x42\x61tcher\x12\x46\n\x05Infer\x12\x1b.meshserve.v1.InferRequests\x1a\x1a.meshserve.v1.InferResults\"\x00(\x01\x30\x01\x12Q\n\nStatistics\x12\x1f.meshserve.v1.StatisticsRequest\x1a .meshserve.v1.StatisticsResponse\"\x00\x12P\n\tLoadModel\x12\x1e.meshserve.v1.LoadModelRequest\x1a!.meshserve.v1.ModelStatesResponse\"\x00\x12T\n\x0bUnloadModel\x12 .meshserve.v1.UnloadModelRequest\x1a!.meshserve.v1.ModelStatesResponse\"\x00\x12T\n\x0bModelStates\x12 .meshserve.v1.ModelStatesRequest\x1a!.meshserve.v1.ModelStatesResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x1ameshserve/v1/batcher.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/tensor.proto\"\xb4\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12$\n\x06inputs\x18\x04 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\x0f\n\x07outputs\x18\x05 \x03(\t\x12\x10\n\x08priority\x18\x06 \x01(\r\x12\x12\n\ntimeout_us\x18\x07 \x01(\x04\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\"z\n\rInferRequests\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.meshserve.v1.InferRequest\x12\x11\n\tcancelled\x18\x02 \x03(\x04\x12\x11\n\twithdrawn\x18\x03 \x03(\x04\x12\x15\n\rresult_blocks\x18\x04 \x01(\x08\"\xa1\x01\n\x0bInferResult\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12%\n\x07outputs\x18\x04 \x03(\x0b\x32\x14.meshserve.v1.Tensor\x12\x10\n\x08queue_ns\x18\x05 \x01(\x04\x12\x12\n\ncompute_ns\x18\x06 \x01(\x04\x12\x12\n\nbatch_size\x18\x07 \x01(\r\"\x91\x01\n\x0bResultBlock\x12\x13\n\x0brequest_ids\x18\x01 \x03(\x04\x12\x0c\n\x04rows\x18\x02 \x03(\r\x12\x10\n\x08queue_ns\x18\x03 \x03(\x04\x12\x12\n\ncompute_ns\x18\x04 \x01(\x04\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12%\n\x07outputs\x18\x06 \x03(\x0b\x32\x14.meshserve.v1.Tensor\"w\n\x0cInferResults\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.meshserve.v1.InferResult\x12\x10\n\x08received\x18\x02 \x01(\r\x12)\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x19.meshserve.v1.ResultBlock\"3\n\x11StatisticsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"%\n\x08\x44uration\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\n\n\x02ns\x18\x02 \x01(\x04\"S\n\x0e\x42\x61tchSizeStats\x12\x12\n\nbatch_size\x18\x01 \x01(\x04\x12-\n\rcompute_infer\x18\x02 \x01(\x0b\x32\x16.meshserve.v1.Duration\"\xd1\x02\n\nModelStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x19\n\x11last_inference_ms\x18\x03 \x01(\x04\x12\x17\n\x0finference_count\x18\x04 \x01(\x04\x12\x17\n\x0f\x65xecution_count\x18\x05 \x01(\x04\x12\'\n\x07success\x18\x06 \x01(\x0b\x32\x16.meshserve.v1.Duration\x12$\n\x04\x66\x61il\x18\x07 \x01(\x0b\x32\x16.meshserve.v1.Duration\x12%\n\x05queue\x18\x08 \x01(\x0b\x32\x16.meshserve.v1.Duration\x12-\n\rcompute_infer\x18\t \x01(\x0b\x32\x16.meshserve.v1.Duration\x12\x31\n\x0b\x62\x61tch_stats\x18\n \x03(\x0b\x32\x1c.meshserve.v1.BatchSizeStats\">\n\x12StatisticsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.meshserve.v1.ModelStats\"3\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\"5\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\"#\n\x12ModelStatesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x91\x01\n\x11ModelVersionState\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07workers\x18\x05 \x03(\t\x12\x15\n\rgraph_buckets\x18\x06 \x03(\r\x12\x15\n\reager_buckets\x18\x07 \x03(\r\"H\n\x13ModelStatesResponse\x12\x31\n\x08versions\x18\x01 \x03(\x0b\x32\x1f.meshserve.v1.ModelVersionState2\xa2\x03\n\x07\x42\x61tcher\x12\x46\n\x05Infer\x12\x1b.meshserve.v1.InferRequests\x1a\x1a.meshserve.v1.InferResults\"\x00(\x01\x30\x01\x12Q\n\nStatistics\x12\x1f.meshserve.v1.StatisticsRequest\x1a .meshserve.v1.StatisticsResponse\"\x00\x12P\n\tLoadModel\x12\x1e.meshserve.v1.LoadModelRequest\x1a!.meshserve.v1.ModelStatesResponse\"\x00\x12T\n\x0bUnloadModel\x12 .meshserve.v1.UnloadModelRequest\x1a!.meshserve.v1.ModelStatesResponse\"\x00\x12T\n\x0bModelStates\x12 .meshserve.v1.ModelStatesRequest\x1a!.meshserve.v1.ModelStatesResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,31 +36,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFERREQUEST']._serialized_start=72
   _globals['_INFERREQUEST']._serialized_end=252
   _globals['_INFERREQUESTS']._serialized_start=254
-  _globals['_INFERREQUESTS']._serialized_end=353
-  _globals['_INFERRESULT']._serialized_start=356
-  _globals['_INFERRESULT']._serialized_end=517
-  _globals['_INFERRESULTS']._serialized_start=519
-  _globals['_INFERRESULTS']._serialized_end=595
-  _globals['_STATISTICSREQUEST']._serialized_start=597
-  _globals['_STATISTICSREQUEST']._serialized_end=648
-  _globals['_DURATION']._serialized_start=650
-  _globals['_DURATION']._serialized_end=687
-  _globals['_BATCHSIZESTATS']._serialized_start=689
-  _globals['_BATCHSIZESTATS']._serialized_end=772
-  _globals['_MODELSTATS']._serialized_start=775
-  _globals['_MODELSTATS']._serialized_end=1112
-  _globals['_STATISTICSRESPONSE']._serialized_start=1114
-  _globals['_STATISTICSRESPONSE']._serialized_end=1176
-  _globals['_LOADMODELREQUEST']._serialized_start=1178
-  _globals['_LOADMODELREQUEST']._serialized_end=1229
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1231
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1284
-  _globals['_MODELSTATESREQUEST']._serialized_start=1286
-  _globals['_MODELSTATESREQUEST']._serialized_end=1321
-  _globals['_MODELVERSIONSTATE']._serialized_start=1324
-  _globals['_MODELVERSIONSTATE']._serialized_end=1469
-  _globals['_MODELSTATESRESPONSE']._serialized_start=1471
-  _globals['_MODELSTATESRESPONSE']._serialized_end=1543
-  _globals['_BATCHER']._serialized_start=1546
-  _globals['_BATCHER']._serialized_end=1964
+  _globals['_INFERREQUESTS']._serialized_end=376
+  _globals['_INFERRESULT']._serialized_start=379
+  _globals['_INFERRESULT']._serialized_end=540
+  _globals['_RESULTBLOCK']._serialized_start=543
+  _globals['_RESULTBLOCK']._serialized_end=688
+  _globals['_INFERRESULTS']._serialized_start=690
+  _globals['_INFERRESULTS']._serialized_end=809
+  _globals['_STATISTICSREQUEST']._serialized_start=811
+  _globals['_STATISTICSREQUEST']._serialized_end=862
+  _globals['_DURATION']._serialized_start=864
+  _globals['_DURATION']._serialized_end=901
+  _globals['_BATCHSIZESTATS']._serialized_start=903
+  _globals['_BATCHSIZESTATS']._serialized_end=986
+  _globals['_MODELSTATS']._serialized_start=989
+  _globals['_MODELSTATS']._serialized_end=1326
+  _globals['_STATISTICSRESPONSE']._serialized_start=1328
+  _globals['_STATISTICSRESPONSE']._serialized_end=1390
+  _globals['_LOADMODELREQUEST']._serialized_start=1392
+  _globals['_LOADMODELREQUEST']._serialized_end=1443
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1445
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1498
+  _globals['_MODELSTATESREQUEST']._serialized_start=1500
+  _globals['_MODELSTATESREQUEST']._serialized_end=1535
+  _globals['_MODELVERSIONSTATE']._serialized_start=1538
+  _globals['_MODELVERSIONSTATE']._serialized_end=1683
+  _globals['_MODELSTATESRESPONSE']._serialized_start=1685
+  _globals['_MODELSTATESRESPONSE']._serialized_end=1757
+  _globals['_BATCHER']._serialized_start=1760
+  _globals['_BATCHER']._serialized_end=2178
 # @@protoc_insertion_point(module_scope)

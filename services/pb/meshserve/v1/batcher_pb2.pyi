@@ -28,14 +28,16 @@ class InferRequest(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ..., timeout_us: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class InferRequests(_message.Message):
-    __slots__ = ("requests", "cancelled", "withdrawn")
+    __slots__ = ("requests", "cancelled", "withdrawn", "result_blocks")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
+    RESULT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedCompositeFieldContainer[InferRequest]
     cancelled: _containers.RepeatedScalarFieldContainer[int]
     withdrawn: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, requests: _Optional[_Iterable[_Union[InferRequest, _Mapping]]] = ..., cancelled: _Optional[_Iterable[int]] = ..., withdrawn: _Optional[_Iterable[int]] = ...) -> None: ...
+    result_blocks: bool
+    def __init__(self, requests: _Optional[_Iterable[_Union[InferRequest, _Mapping]]] = ..., cancelled: _Optional[_Iterable[int]] = ..., withdrawn: _Optional[_Iterable[int]] = ..., result_blocks: _Optional[bool] = ...) -> None: ...
 
 class InferResult(_message.Message):
     __slots__ = ("request_id", "code", "message", "outputs", "queue_ns", "compute_ns", "batch_size")
@@ -55,13 +57,31 @@ class InferResult(_message.Message):
     batch_size: int
     def __init__(self, request_id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., queue_ns: _Optional[int] = ..., compute_ns: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
+class ResultBlock(_message.Message):
+    __slots__ = ("request_ids", "rows", "queue_ns", "compute_ns", "batch_size", "outputs")
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_NS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    request_ids: _containers.RepeatedScalarFieldContainer[int]
+    rows: _containers.RepeatedScalarFieldContainer[int]
+    queue_ns: _containers.RepeatedScalarFieldContainer[int]
+    compute_ns: int
+    batch_size: int
+    outputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    def __init__(self, request_ids: _Optional[_Iterable[int]] = ..., rows: _Optional[_Iterable[int]] = ..., queue_ns: _Optional[_Iterable[int]] = ..., compute_ns: _Optional[int] = ..., batch_size: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+
 class InferResults(_message.Message):
-    __slots__ = ("results", "received")
+    __slots__ = ("results", "received", "blocks")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[InferResult]
     received: int
-    def __init__(self, results: _Optional[_Iterable[_Union[InferResult, _Mapping]]] = ..., received: _Optional[int] = ...) -> None: ...
+    blocks: _containers.RepeatedCompositeFieldContainer[ResultBlock]
+    def __init__(self, results: _Optional[_Iterable[_Union[InferResult, _Mapping]]] = ..., received: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[ResultBlock, _Mapping]]] = ...) -> None: ...
 
 class StatisticsRequest(_message.Message):
     __slots__ = ("model", "version")
