@@ -9,7 +9,7 @@ import inspect
 import logging
 import signal
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -280,8 +280,17 @@ class _Undecodable:
         self.message = message
 
 
-def _guarded_deserializer(method: str, deserializer: Callable) -> Callable:
+# A check of a request's bytes before they are parsed: why it is refused, or None.
+Precheck = Callable[[bytes], str | None]
+
+
+def _guarded_deserializer(method: str, deserializer: Callable,
+                          precheck: Precheck | None = None) -> Callable:
     def deserialize(data: bytes):
+        if precheck is not None:
+            why = precheck(data)
+            if why:
+                return _Undecodable(f"{method}: {why} (refused before parsing)")
         try:
             return deserializer(data)
         except Exception as e:  # noqa: BLE001 - any parse failure is the client's input
@@ -322,26 +331,31 @@ def _guard_behavior(behavior: Callable, streaming_requests: bool) -> Callable:
     return unary_behavior
 
 
-def guard_decoding(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def guard_decoding(method: str, handler: grpc.RpcMethodHandler,
+                   precheck: Precheck | None = None) -> grpc.RpcMethodHandler:
     """The handler with a deserializer that never raises: bytes that do not parse as the
     method's request answer INVALID_ARGUMENT with a clear message. (grpc.aio deserializes
-    before the servicer runs, so without this they end UNKNOWN "Unexpected DecodeError".)"""
+    before the servicer runs, so without this they end UNKNOWN "Unexpected DecodeError".)
+    precheck: refuses bytes before they are parsed (the same INVALID_ARGUMENT)."""
     if handler.request_deserializer is None:
         return handler
     kind = ("stream" if handler.request_streaming else "unary") + "_" + (
         "stream" if handler.response_streaming else "unary")
     return handler._replace(
-        request_deserializer=_guarded_deserializer(method, handler.request_deserializer),
+        request_deserializer=_guarded_deserializer(method, handler.request_deserializer,
+                                                   precheck),
         **{kind: _guard_behavior(getattr(handler, kind), handler.request_streaming)},
     )
 
 
 class DecodeGuard(grpc.aio.ServerInterceptor):
     """First interceptor of every server (so it also covers what later interceptors read):
-    guard_decoding on each method's handler, built once per method."""
+    guard_decoding on each method's handler, built once per method.
+    prechecks: method -> a check of its request bytes before they are parsed."""
 
-    def __init__(self):
+    def __init__(self, prechecks: Mapping[str, Precheck] | None = None):
         self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self.prechecks = dict(prechecks or {})
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -350,7 +364,7 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         cached = self._handlers.get(method)
         if cached is None or cached[0] is not handler:
-            cached = (handler, guard_decoding(method, handler))
+            cached = (handler, guard_decoding(method, handler, self.prechecks.get(method)))
             self._handlers[method] = cached
         return cached[1]
 
@@ -428,18 +442,20 @@ def new_server(
     transport: Transport | None = None,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
     limits: ConnectionLimits = INTERNAL_LIMITS,
+    prechecks: Mapping[str, Precheck] | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """An aio server with grpc.health.v1 (NOT_SERVING until the caller says so) and
     reflection for the given services. Returns (server, bound port, health servicer).
     transport: TLS / mTLS (--tls-allowed-clients: PeerCheck) and the default compression
     of responses (plaintext without).
     limits: streams, idle time and age of each client connection.
-    Every method answers undecodable request bytes INVALID_ARGUMENT (DecodeGuard)."""
+    Every method answers undecodable request bytes INVALID_ARGUMENT (DecodeGuard), and
+    bytes a precheck refuses (method -> check) before they are parsed."""
     t = transport or PLAINTEXT
     peer_check = [PeerCheck(t.tls_allowed_clients)] if t.tls_allowed_clients else []
     server = grpc.aio.server(options=server_options(max_message_bytes, reuse_port, limits),
                              compression=_compression(t.compression),
-                             interceptors=[DecodeGuard(), *peer_check, *interceptors])
+                             interceptors=[DecodeGuard(prechecks), *peer_check, *interceptors])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)

@@ -13,6 +13,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from meshserve.common.errors import ConfigError
+from meshserve.common.logs import clip
 
 
 class Flags:
@@ -26,7 +27,10 @@ class Flags:
             help: str = "", env: str | None = None) -> None:
         name = env or "MESHSERVE_" + flag.lstrip("-").upper().replace("-", "_")
         if name in self.env:
-            default = type(self.env[name])
+            try:
+                default = type(self.env[name])
+            except (ValueError, argparse.ArgumentTypeError) as e:
+                self.parser.error(f"environment {name}={clip(self.env[name])}: {e}")
         self.parser.add_argument(
             flag, type=type, default=default, help=f"{help} [env {name}; default {default!r}]"
         )
@@ -38,10 +42,11 @@ class Flags:
         """The flags every service has, with the defaults `d` (defaults(Settings)): --host,
         --port, --metrics-port, --port-file, --log-level; host and port: their help."""
         self.add("--host", str, d.host, host or "address to bind (0.0.0.0: every interface)")
-        self.add("--port", int, d.port, port or "gRPC port (0: any free port)")
-        self.add("--metrics-port", int, d.metrics_port, "Prometheus port (-1: off, 0: any free port)")
+        self.add("--port", _port(0), d.port, port or "gRPC port (0: any free port)")
+        self.add("--metrics-port", _port(-1), d.metrics_port,
+                 "Prometheus port (-1: off, 0: any free port)")
         self.add("--port-file", str, d.port_file, "write the bound ports here as JSON once serving")
-        self.add("--log-level", str, d.log_level, "DEBUG, INFO, WARNING or ERROR")
+        self.add("--log-level", parse_log_level, d.log_level, "DEBUG, INFO, WARNING or ERROR")
 
     def add_redis_url(self, default: str, help: str) -> None:
         """--redis-url, also read from REDIS_URL (MESHSERVE_REDIS_URL wins)."""
@@ -61,6 +66,30 @@ class Flags:
         except ConfigError as e:
             self.parser.error(str(e))
             raise  # unreachable: error() exits
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def parse_log_level(value: str) -> str:
+    level = str(value).strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+def _port(lowest: int) -> Callable[[str], int]:
+    """A port number in lowest..65535 (0: any free port; -1, where allowed: off)."""
+    def parse(value: str) -> int:
+        try:
+            port = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+        if not lowest <= port <= 65535:
+            raise argparse.ArgumentTypeError(f"{port} is not in {lowest}..65535")
+        return port
+    parse.__name__ = "port"
+    return parse
 
 
 def defaults(cls: type) -> types.SimpleNamespace:

@@ -18,7 +18,7 @@ from meshserve.common.control_store import GatewayControlStore, RedisControlStor
 from meshserve.common.grpcutil import MiB
 from meshserve.common.repository import ModelRepository
 from meshserve.common.settings import write_port_file
-from meshserve.gateway import protection, rest, routing_servicer
+from meshserve.gateway import protection, rest, routing_servicer, wire
 from meshserve.gateway.config import Settings
 from meshserve.gateway.core import Gateway
 from meshserve.gateway.l1 import L1Cache, L1Collector
@@ -84,6 +84,7 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
         reuse_port=settings.reuse_port, transport=transport,
         interceptors=[protection.ProtectionInterceptor(p)] if intercept else [],
         limits=settings.connection_limits(),
+        prechecks=wire.PRECHECKS,  # counts of a large request, before it is parsed
     )
     servicer = InferenceServicer(gateway, GatewayMetrics(registry),
                                  settings.max_stream_concurrency, settings.trace_sample_ratio,

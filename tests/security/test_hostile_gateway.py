@@ -124,6 +124,43 @@ def test_health_without_a_key_is_about_the_whole_server(keyed_gateway):
     assert asyncio.run(main()) == (serving, serving, grpc.StatusCode.NOT_FOUND, serving)
 
 
+def test_amplifying_messages_are_refused_before_they_are_parsed(start_gateway):
+    """A caller the gateway serves (here: no keys) sends 30 MiB of packed 1-byte `shape`
+    varints (8-byte ints once parsed), then 30 MiB of empty `inputs` (a message object
+    each): both INVALID_ARGUMENT, refused on their bytes (gateway/wire.py). Their bytes are
+    received (gRPC's buffer and Python's copy: 2 x 30 MiB each, 40-80 MiB of peak here),
+    but never parsed: parsed, they raised the peak by about 500 MiB and 1.3 GiB."""
+    gateway = start_gateway()
+    dims = pb.ModelInferRequest(model_name="digits")
+    dims.inputs.add(name="input", datatype="FP32", shape=[1] * (30 * MiB))
+    empty = pb.ModelInferRequest(model_name="digits")
+    empty.inputs.extend([pb.ModelInferRequest.InferInputTensor()] * (15 * MiB))
+    bombs = [dims.SerializeToString(), empty.SerializeToString()]
+    warm = pb.ModelInferRequest(model_name="digits", id="w" * (30 * MiB)).SerializeToString()
+
+    async def main():
+        async with grpc.aio.insecure_channel(
+                gateway.address, options=[("grpc.max_send_message_length", 100 * MiB)]) as channel:
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                        request_serializer=None, response_deserializer=None)
+
+            async def one(data):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await infer(data, timeout=60)
+                return e.value.code(), e.value.details()
+
+            await one(warm)  # gRPC's receive buffers for a 30 MiB message, once
+            before = peak_rss_bytes(gateway.proc.pid)
+            answers = [await one(data) for data in bombs]
+            return answers, peak_rss_bytes(gateway.proc.pid) - before
+
+    answers, grown = asyncio.run(main())
+    assert [code for code, _ in answers] == [grpc.StatusCode.INVALID_ARGUMENT] * 2
+    assert "more than 16 dimensions" in answers[0][1]
+    assert "more than 64 inputs" in answers[1][1]
+    assert grown < 200 * MiB, f"the gateway's peak memory grew by {grown / MiB:.0f} MiB"
+
+
 def requests_ok(gateway) -> float:
     """meshserve_gateway_requests_total of code OK, every model."""
     url = f"http://127.0.0.1:{gateway.ports['metrics']}/metrics"

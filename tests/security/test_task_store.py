@@ -59,3 +59,39 @@ def test_expired_tasks_free_their_key_quota_and_idempotency_keys():
     asyncio.run(main())
     assert len(queue.tasks) == 1 and not queue._idem
     assert queue._per_owner == {"k": 1} and queue._bytes == 1
+
+
+def test_a_keys_quota_on_the_redis_queue_through_the_gateway(start_gateway, redis_server,
+                                                             tmp_path):
+    """A real gateway on Redis: past --async-max-tasks-per-key a key's Submit is refused
+    RESOURCE_EXHAUSTED with the reason; another key still submits."""
+    import grpc
+
+    from meshserve.pb.meshserve.v1 import async_inference_pb2 as apb
+    from meshserve.pb.meshserve.v1 import async_inference_pb2_grpc as apb_grpc
+    from tests.protection.conftest import infer_request, write_keys
+
+    keys = tmp_path / "keys.json"
+    write_keys(keys, {"name": "a", "key": "key-a", "models": ["digits"]},
+               {"name": "b", "key": "key-b", "models": ["digits"]})
+    gateway = start_gateway("--api-keys-file", str(keys), "--redis-url", redis_server.url,
+                            "--async-runners", "0", "--async-max-tasks-per-key", "5")
+
+    async def main():
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = apb_grpc.AsyncInferenceStub(channel)
+
+            async def submit(key):
+                return await stub.Submit(apb.SubmitRequest(request=infer_request()), timeout=30,
+                                         metadata=(("authorization", f"Bearer {key}"),))
+
+            for _ in range(5):
+                await submit("key-a")
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await submit("key-a")
+            await submit("key-b")
+            return e.value.code(), e.value.details()
+
+    code, details = asyncio.run(main())
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "this API key holds 5 tasks" in details and "at most 5" in details
