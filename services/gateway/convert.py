@@ -68,14 +68,16 @@ def check_bounds(request: pb.ModelInferRequest) -> None:
                                ("model_version", request.model_version, MAX_VERSION_CHARS)):
         if len(value) > limit:
             raise _too_long(what, value, limit)
-    _check_parameters("request", request.parameters)
+    if request.parameters:  # (an empty map is the usual case: no view built for it)
+        _check_parameters("request", request.parameters)
     for kind, tensors in (("inputs", request.inputs), ("outputs", request.outputs)):
         if len(tensors) > MAX_TENSORS:
             raise InvalidInput(f"{len(tensors)} {kind}, at most {MAX_TENSORS}")
         for t in tensors:
             if len(t.name) > MAX_NAME_CHARS:
                 raise _too_long(f"the name of one of the {kind}", t.name, MAX_NAME_CHARS)
-            _check_parameters(f"{kind[:-1]} '{t.name}'", t.parameters)
+            if t.parameters:
+                _check_parameters(f"{kind[:-1]} '{t.name}'", t.parameters)
             if kind == "inputs":
                 if len(t.shape) > MAX_DIMS:
                     raise InvalidInput(
@@ -90,6 +92,8 @@ def param_value(p: pb.InferParameter) -> object:
 
 
 def params(m: Mapping[str, pb.InferParameter]) -> dict[str, object]:
+    if not m:
+        return {}
     return {k: param_value(v) for k, v in m.items()}
 
 
