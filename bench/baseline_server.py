@@ -5,18 +5,21 @@
 - `--noop`: a do-nothing server that parses the request and answers a fixed response, the
   ceiling of the method (the load generator and one public gRPC call, nothing else).
 
+Both run as a service's process does (common.logs.run: the same event loop, uvloop unless
+MESHSERVE_EVENT_LOOP=asyncio).
+
     python -m bench.baseline_server --model models/digits/2/model.pt --port 9001 [--noop]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 import grpc
 import numpy as np
 import torch
 
+from meshserve.common import logs
 from meshserve.common.grpcutil import server_options
 from meshserve.pb.inference import grpc_service_pb2 as pb
 from meshserve.pb.inference import grpc_service_pb2_grpc as pb_grpc
@@ -72,7 +75,9 @@ def main() -> None:
     a = p.parse_args()
     if not a.noop and not a.model:
         p.error("--model is required (or --noop)")
-    asyncio.run(serve(a.model, a.port, a.threads, a.noop))
+    # As the mesh's services run (their event loop, the imports frozen from the collector):
+    # the ceiling stays like for like.
+    logs.run(serve(a.model, a.port, a.threads, a.noop), "baseline")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ class _Stream:
         error: MeshError = Unavailable(f"the batcher at {self.target} closed the stream")
         try:
             async for message in self._call:
-                self.received.add(len(message.results))
+                self.received.add(len(message.results)
+                                  + sum(len(b.request_ids) for b in message.blocks))
                 if message.received:
                     self._acks_seen = True
                     self._unacked = max(0, self._unacked - message.received)

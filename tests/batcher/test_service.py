@@ -101,11 +101,14 @@ def test_two_gateways_with_different_output_filters_get_their_own_rows(start_ser
             second = BatcherClient(f"127.0.0.1:{port}")
             await second.start()
             try:
-                return await asyncio.gather(*(
+                results = await asyncio.gather(*(
                     (first, second)[i % 2].infer(
                         "digits", "2", [to_pb("input", x[i:i + 1 + i % 3])],
                         ["logits"] if i % 2 else ["predictions", "probabilities"], 0, 30.0)
                     for i in range(0, 120, 3)))
+                # Results counted on the hop metric as requests (blocks carry several).
+                assert (first.received.items, second.received.items) == (20, 20)
+                return results
             finally:
                 await second.close()
 
