@@ -372,11 +372,44 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
+def unread(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The handler answering as if its request were empty, without reading it: a request-
+    streaming handler is handed no message it does not ask for (the wire is the same for
+    every kind of call). For grpc.health.v1: the whole server's status (service "")."""
+    blank = handler.request_deserializer(b"") if handler.request_deserializer else b""
+    behavior = handler.unary_unary or handler.unary_stream
+    if handler.unary_stream is not None and inspect.isasyncgenfunction(behavior):
+        async def stream(_requests, context):
+            async for response in behavior(blank, context):
+                yield response
+        return grpc.stream_stream_rpc_method_handler(
+            stream, response_serializer=handler.response_serializer)
+    if handler.unary_stream is not None:  # writes with context.write (the health servicer)
+        async def written(_requests, context):
+            await behavior(blank, context)
+        return grpc.stream_stream_rpc_method_handler(
+            written, response_serializer=handler.response_serializer)
+
+    async def unary(_requests, context):
+        return await behavior(blank, context)
+    return grpc.stream_unary_rpc_method_handler(
+        unary, response_serializer=handler.response_serializer)
+
+
+async def _one(requests, context):
+    """The single message of a unary call served by a request-streaming handler."""
+    async for request in requests:
+        return request
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
+
+
 class PeerCheck(grpc.aio.ServerInterceptor):
     """Serves only clients whose (verified) certificate's common name is allowed: a worker
-    only the batcher, the cache only gateways. grpc.health.v1 stays open to any client the
-    CA signed (probes run with the pod's own certificate). Installed by new_server only
-    when --tls-allowed-clients names someone."""
+    only the batcher, the cache only gateways; a request is read only once its caller is
+    (a unary method is served by a request-streaming handler). grpc.health.v1 stays open to
+    any client the CA signed (probes run with the pod's own certificate), answered about the
+    whole server without its message being read. Installed by new_server only when
+    --tls-allowed-clients names someone."""
 
     def __init__(self, allowed: Iterable[str]):
         self.allowed = frozenset(allowed)
@@ -385,15 +418,40 @@ class PeerCheck(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(HEALTH_PREFIX):
+        if handler is None:
             return handler
         cached = self._handlers.get(method)
         if cached is None or cached[0] is not handler:
-            kind = ("stream" if handler.request_streaming else "unary") + "_" + (
-                "stream" if handler.response_streaming else "unary")
-            cached = (handler, handler._replace(**{kind: self._wrap(getattr(handler, kind))}))
+            cached = (handler, unread(handler) if method.startswith(HEALTH_PREFIX)
+                      else self._checked(handler))
             self._handlers[method] = cached
         return cached[1]
+
+    def _checked(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.request_streaming:  # nothing is read before the behavior iterates
+            kind = "stream_stream" if handler.response_streaming else "stream_unary"
+            return handler._replace(**{kind: self._wrap(getattr(handler, kind))})
+        behavior = handler.unary_unary or handler.unary_stream
+        check = self._check
+        if handler.unary_unary is not None:
+            async def unary(requests, context):
+                await check(context)
+                return await behavior(await _one(requests, context), context)
+            return grpc.stream_unary_rpc_method_handler(
+                unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if inspect.isasyncgenfunction(behavior):
+            async def stream(requests, context):
+                await check(context)
+                async for response in behavior(await _one(requests, context), context):
+                    yield response
+        else:
+            async def stream(requests, context):  # writes with context.write
+                await check(context)
+                await behavior(await _one(requests, context), context)
+        return grpc.stream_stream_rpc_method_handler(
+            stream, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
 
     async def _check(self, context) -> None:
         names = [n.decode(errors="replace") if isinstance(n, bytes) else n

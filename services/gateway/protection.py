@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from meshserve.common import grpcutil
 from meshserve.common.auth import ADMIN, CALLER, INFER, ApiKey, KeyStore
 from meshserve.common.ratelimit import Bucket, LocalLimiter, RateLimit, RedisLimiter
 from meshserve.gateway.convert import MAX_ID_CHARS, MAX_NAME_CHARS
@@ -309,7 +309,7 @@ class ProtectionInterceptor(grpc.aio.ServerInterceptor):
             return handler
         cached = self._unread.get(method)
         if cached is None or cached[0] is not handler:
-            cached = (handler, _unread(handler))
+            cached = (handler, grpcutil.unread(handler))
             self._unread[method] = cached
         return cached[1]
 
@@ -470,28 +470,6 @@ def _refusal(denied: Denied):
         await abort(context, denied)
 
     return grpc.stream_unary_rpc_method_handler(refuse)
-
-
-def _unread(handler):
-    """The handler answering as if the request were empty, without reading it (request
-    streaming: see _refusal); a unary-stream handler (Watch) stays response streaming."""
-    blank = handler.request_deserializer(b"") if handler.request_deserializer else b""
-    if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
-        async def stream(_request_iterator, context):
-            async for response in handler.unary_stream(blank, context):
-                yield response
-        return grpc.stream_stream_rpc_method_handler(
-            stream, response_serializer=handler.response_serializer)
-    if handler.unary_stream is not None:  # writes with context.write (the health servicer)
-        async def written(_request_iterator, context):
-            await handler.unary_stream(blank, context)
-        return grpc.stream_stream_rpc_method_handler(
-            written, response_serializer=handler.response_serializer)
-
-    async def unary(_request_iterator, context):
-        return await handler.unary_unary(blank, context)
-    return grpc.stream_unary_rpc_method_handler(
-        unary, response_serializer=handler.response_serializer)
 
 
 def _behavior(handler):

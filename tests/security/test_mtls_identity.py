@@ -109,3 +109,52 @@ def test_required_client_auth_without_a_ca_refuses_to_start(tmp_path):
     with pytest.raises(ConfigError, match="--tls-allowed-clients needs"):
         Transport(tls_cert=str(certs.cert), tls_key=str(certs.key), tls_ca=str(certs.ca),
                   tls_client_auth="optional", tls_allowed_clients=("meshserve-batcher",))
+
+
+def test_a_certificate_not_on_the_list_makes_a_worker_read_nothing(mesh):
+    """A CA-signed certificate that is not the batcher's (here the gateway's) sends 60 MiB
+    messages to a worker: to a unary method (refused PERMISSION_DENIED before its message
+    is read) and to grpc.health.v1 (answered about the whole server, unread). The worker's
+    peak memory does not grow by one of them. Before, each was read and parsed first (the
+    identity was checked inside the handler)."""
+    import asyncio
+
+    from tests.security.test_hostile_gateway import MiB, peak_rss_bytes
+
+    certs, worker, _batcher, _gateway = mesh
+    big = b"\x7a" + bytes([0x80, 0x80, 0x80, 0x1e]) + b"\0" * (60 * MiB)  # field 15, 60 MiB
+    big_health = health_pb2.HealthCheckRequest(service="s" * (60 * MiB)).SerializeToString()
+
+    async def main():
+        async with grpc.aio.secure_channel(
+                worker.address, grpc.ssl_channel_credentials(
+                    root_certificates=certs.ca.read_bytes(),
+                    private_key=(certs.dir / "gateway.key").read_bytes(),
+                    certificate_chain=(certs.dir / "gateway.crt").read_bytes()),
+                options=[("grpc.max_send_message_length", 100 * MiB)]) as channel:
+            status = channel.unary_unary("/meshserve.v1.ModelWorker/Status")
+            check = channel.unary_unary("/grpc.health.v1.Health/Check")
+
+            async def refused(data):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await status(data, timeout=60)
+                return e.value.code()
+
+            async def healthy(data):
+                try:
+                    return health_pb2.HealthCheckResponse.FromString(
+                        await check(data, timeout=60)).status
+                except grpc.aio.AioRpcError as e:
+                    return e.code()
+
+            await asyncio.gather(refused(b""), healthy(b""))  # warm up
+            await refused(big)
+            before = peak_rss_bytes(worker.proc.pid)
+            codes = await asyncio.gather(*(refused(big) for _ in range(4)))
+            states = await asyncio.gather(*(healthy(big_health) for _ in range(4)))
+            return codes, states, peak_rss_bytes(worker.proc.pid) - before
+
+    codes, states, grown = asyncio.run(main())
+    assert codes == [grpc.StatusCode.PERMISSION_DENIED] * 4
+    assert states == [health_pb2.HealthCheckResponse.SERVING] * 4
+    assert grown < 60 * MiB, f"the worker's peak memory grew by {grown / MiB:.0f} MiB"
