@@ -97,7 +97,7 @@ clean:
 # newest known Kubernetes version, and lints sources and output with yamllint.
 K8S_RENDER = $(if $(shell command -v kubectl 2>/dev/null),kubectl kustomize,kustomize build)
 K8S_TARGETS = deploy/k8s/overlays/cpu deploy/k8s/overlays/gpu tests/deploy/all-components \
-	tests/tls/k8s-mtls
+	tests/tls/k8s-mtls tests/tls/k8s-mtls-runner
 K8S_MIN_VERSION = 1.27.0
 
 k8s-validate: $(STAMP)
@@ -111,5 +111,5 @@ k8s-validate: $(STAMP)
 	done; \
 	$(VENV)/bin/kubernetes-validate --strict --quiet \
 		deploy/k8s/components/worker-hpa-queue-depth/prometheus-adapter-rules.yaml; \
-	$(VENV)/bin/yamllint --strict -c tests/deploy/yamllint.yaml deploy/k8s tests/deploy tests/tls/k8s-mtls "$$out"; \
+	$(VENV)/bin/yamllint --strict -c tests/deploy/yamllint.yaml deploy/k8s tests/deploy tests/tls/k8s-mtls tests/tls/k8s-mtls-runner "$$out"; \
 	echo "k8s-validate: ok"

@@ -96,10 +96,14 @@ def test_model_limits_flag():
 
 def test_redis_buckets_are_shared_and_atomic(redis_server):
     async def main():
-        a, b = RedisLimiter(redis_server.url), RedisLimiter(redis_server.url)
+        # A timeout far above any scheduling delay: a loaded machine must not make a limiter
+        # fall back to its in-memory buckets here (that path has its own test below).
+        a, b = (RedisLimiter(redis_server.url, timeout_s=10.0),
+                RedisLimiter(redis_server.url, timeout_s=10.0))
         try:
             buckets = [bucket("key:shared", rate=0.01, burst=10.0)]
             results = await asyncio.gather(*(lim.take(buckets) for lim in [a, b] * 15))
+            assert not a.degraded and not b.degraded, "a limiter fell back to its memory"
             admitted = [r for r in results if r is None]
             refused = [r for r in results if r is not None]
             assert len(admitted) == 10 and len(refused) == 20

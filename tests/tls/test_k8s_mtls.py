@@ -22,17 +22,21 @@ CALLERS = {"batcher": {"meshserve-gateway", "meshserve-async-runner"},
            "cache": {"meshserve-gateway", "meshserve-async-runner"}}
 
 
-@pytest.fixture(scope="module")
-def objects() -> list[dict]:
+def render(fixture: str) -> list[dict]:
     if shutil.which("kubectl"):
         command = ["kubectl", "kustomize"]
     elif shutil.which("kustomize"):
         command = ["kustomize", "build"]
     else:
         pytest.skip("needs kubectl (kustomize built in) or kustomize on the PATH")
-    text = subprocess.run([*command, str(HERE / "k8s-mtls")], check=True, capture_output=True,
+    text = subprocess.run([*command, str(HERE / fixture)], check=True, capture_output=True,
                           text=True, timeout=120).stdout
     return [d for d in yaml.safe_load_all(text) if d]
+
+
+@pytest.fixture(scope="module")
+def objects() -> list[dict]:
+    return render("k8s-mtls")
 
 
 def find(objects, kind: str, name: str) -> dict:
@@ -98,13 +102,39 @@ def test_each_tier_serves_only_the_tiers_that_call_it(objects, tier):
         assert set(allowed.split(",")) == CALLERS[tier]
 
 
+def callers_let_in(objects, tier: str) -> set[str]:
+    policy = find(objects, "NetworkPolicy", f"meshserve-{tier}")
+    return {peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+            for rule in policy["spec"]["ingress"]
+            if any(p["port"] == TIERS[tier] for p in rule.get("ports", []))
+            for peer in rule.get("from", []) if "podSelector" in peer}
+
+
 @pytest.mark.parametrize("tier", CALLERS)
 def test_every_caller_the_network_lets_in_is_an_allowed_identity(objects, tier):
     """The NetworkPolicies and the identities agree: a tier let in to a port by the network
     would otherwise be refused by the certificate check (and the mesh would not serve)."""
-    policy = find(objects, "NetworkPolicy", f"meshserve-{tier}")
-    callers = {peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
-               for rule in policy["spec"]["ingress"]
-               if any(p["port"] == TIERS[tier] for p in rule.get("ports", []))
-               for peer in rule.get("from", []) if "podSelector" in peer}
+    callers = callers_let_in(objects, tier)
     assert callers and callers <= CALLERS[tier]
+
+
+def test_standalone_runners_have_their_own_identity():
+    """components/async-runner + mtls + mtls-async-runner (tests/tls/k8s-mtls-runner): the
+    runners mount their own Secret, call and serve over mTLS, probe over mTLS, and the
+    batchers and caches they reach through the network accept their identity."""
+    objects = render("k8s-mtls-runner")
+    runner = find(objects, "Deployment", "meshserve-async-runner")
+    pod = runner["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["tls"]["secret"]["secretName"] == \
+        "meshserve-tls-async-runner"
+    [container] = pod["containers"]
+    assert {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["tls"] == TLS_DIR
+    env = config_of(objects, runner)
+    assert env["MESHSERVE_TLS_CERT"] == f"{TLS_DIR}/tls.crt"
+    assert env["MESHSERVE_TLS_CA"] == f"{TLS_DIR}/ca.crt"
+    assert env["MESHSERVE_TLS_CLIENT_AUTH"] == "require"
+    assert "grpc" not in container["readinessProbe"]
+    assert container["readinessProbe"]["exec"]["command"][-1] == "meshserve-async-runner"
+    for tier in ("batcher", "cache"):
+        assert "meshserve-async-runner" in callers_let_in(objects, tier)
+        assert callers_let_in(objects, tier) <= CALLERS[tier]
