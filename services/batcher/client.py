@@ -163,12 +163,15 @@ class BatcherClient:
         self._next_unary = itertools.count()
         self._ids = itertools.count(1)
         self._each_channels: dict[str, grpc.aio.Channel] = {}  # address -> channel (each())
+        self._loop: asyncio.AbstractEventLoop | None = None  # start()'s
         self.sent, self.received = HopCount(), HopCount()
 
     def hop_counts(self) -> list[tuple[str, HopCount]]:
         return [("gateway->batcher", self.sent), ("batcher->gateway", self.received)]
 
     async def start(self) -> None:
+        # Kept: asyncio.get_running_loop() makes a getpid() system call on Python 3.11.
+        self._loop = asyncio.get_running_loop()
         self._channels = [grpcutil.channel(t, self.transport) for t in self.targets]
         self._stubs = [batcher_pb2_grpc.BatcherStub(c) for c in self._channels]
 
@@ -226,7 +229,7 @@ class BatcherClient:
         inputs: tensors with name, datatype, shape and data (bytes), e.g. the gateway's
         InputTensor records or meshserve.v1 Tensors."""
         stream = self._stream()
-        future = asyncio.get_running_loop().create_future()
+        future = self._loop.create_future()
         request = stream.add(
             next(self._ids), future, model, version, inputs, outputs, priority,
             max(1, int(timeout_s * 1e6)) if timeout_s else 0,
@@ -237,13 +240,13 @@ class BatcherClient:
               stream: _Stream, future: asyncio.Future) -> Sent:
         # The batcher answers DEADLINE_EXCEEDED itself; this timer only bounds a stuck hop
         # (a timer on the future costs less than wait_for's extra task per request).
-        timer = (asyncio.get_running_loop().call_later(timeout_s + 1.0, _expire, future,
-                                                       timeout_s) if timeout_s else None)
+        timer = (self._loop.call_later(timeout_s + 1.0, _expire, future, timeout_s)
+                 if timeout_s else None)
         return Sent(request, timeout_s, stream, future, timer)
 
     def _resend(self, sent: Sent) -> Sent:
         stream = self._stream()
-        future = asyncio.get_running_loop().create_future()
+        future = self._loop.create_future()
         request = stream.resend(next(self._ids), future, sent.request)
         return self._sent(request, sent.timeout_s, stream, future)
 
