@@ -108,7 +108,11 @@ def run(main: Coroutine, service: str) -> None:
     anything else keeps its traceback (a bug to see)."""
     log = logging.getLogger(f"meshserve.{service}")
     try:
-        loop_factory = event_loop_factory()
+        try:
+            loop_factory = event_loop_factory()
+        except ValueError:
+            main.close()  # never to run (not "never awaited")
+            raise
         # What is imported by now lives as long as the process: out of the collector's
         # sight. Every full collection walked all of it (torch alone is ~150k objects):
         # ~20% of the gateway's CPU under load went to the collector before this.
