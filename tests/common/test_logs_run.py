@@ -1,67 +1,59 @@
-"""logs.run: how every service's process runs its main coroutine."""
+"""logs.run: how every service's process runs its main coroutine. Each case runs in a
+process of its own, as a service does (the test process keeps its own loop and collector)."""
 
 from __future__ import annotations
 
-import asyncio
-import gc
+import json
+import subprocess
+import sys
 
 import pytest
 
 from meshserve.common import logs
 
+PROBE = """
+import asyncio, gc, json
+from meshserve.common import logs
 
-def test_run_takes_what_was_imported_out_of_the_collectors_sight():
-    seen = {}
+async def main():
+    print(json.dumps({"frozen": gc.get_freeze_count(), "collects": gc.isenabled(),
+                      "loop": type(asyncio.get_running_loop()).__module__}))
 
-    async def main():
-        seen["frozen"] = gc.get_freeze_count()
-        seen["still_collects"] = gc.isenabled()
-
-    try:
-        logs.run(main(), "test")
-    finally:
-        gc.unfreeze()
-    # Everything imported by then (pytest, numpy, meshserve...) is frozen; new objects are
-    # still collected.
-    assert seen["frozen"] > 10_000 and seen["still_collects"]
+logs.run(main(), "probe")
+"""
 
 
-def test_run_ends_an_expected_failure_with_exit_code_1():
-    async def main():
-        raise ValueError("bad flag")
-
-    try:
-        with pytest.raises(SystemExit) as exited:
-            logs.run(main(), "test")
-    finally:
-        gc.unfreeze()
-    assert exited.value.code == 1
+def run_probe(env_value: str | None, code: str = PROBE) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin"}
+    if env_value is not None:
+        env[logs.EVENT_LOOP_ENV] = env_value
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=60)
 
 
 @pytest.mark.parametrize("choice, loop_module", [(None, "uvloop"), ("uvloop", "uvloop"),
                                                  ("asyncio", "asyncio")])
-def test_a_service_runs_on_uvloop_unless_told_asyncio(monkeypatch, choice, loop_module):
-    if choice is None:
-        monkeypatch.delenv(logs.EVENT_LOOP_ENV, raising=False)
-    else:
-        monkeypatch.setenv(logs.EVENT_LOOP_ENV, choice)
-    seen = {}
-
-    async def main():
-        seen["loop"] = type(asyncio.get_running_loop()).__module__
-
-    try:
-        logs.run(main(), "test")
-    finally:
-        gc.unfreeze()
+def test_a_service_runs_on_uvloop_unless_told_asyncio_with_its_imports_frozen(choice,
+                                                                              loop_module):
+    done = run_probe(choice)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
     assert seen["loop"].split(".")[0] == loop_module
+    # Everything imported by then is out of the collector's sight; new objects are still
+    # collected.
+    assert seen["frozen"] > 10_000 and seen["collects"]
 
 
-def test_an_unknown_event_loop_ends_the_process_with_exit_code_1(monkeypatch, caplog):
-    monkeypatch.setenv(logs.EVENT_LOOP_ENV, "trio")
-    main = asyncio.sleep(0)
-    with pytest.raises(SystemExit) as exited:
-        logs.run(main, "test")
-    assert exited.value.code == 1
-    assert main.cr_frame is None  # closed, not left "never awaited"
-    assert "MESHSERVE_EVENT_LOOP must be uvloop or asyncio, got 'trio'" in caplog.text
+def test_an_unknown_event_loop_ends_the_process_with_one_line_and_exit_code_1():
+    done = run_probe("trio")
+    assert done.returncode == 1
+    assert ("probe cannot run: ValueError: MESHSERVE_EVENT_LOOP must be uvloop or asyncio, "
+            "got 'trio'") in done.stderr
+    assert "never awaited" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_expected_failure_ends_the_process_with_exit_code_1():
+    done = run_probe(None, "from meshserve.common import logs\n"
+                           "async def main():\n    raise ValueError('bad flag')\n"
+                           "logs.run(main(), 'probe')\n")
+    assert done.returncode == 1 and "probe cannot run: ValueError: bad flag" in done.stderr
