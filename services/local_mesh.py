@@ -18,7 +18,7 @@ mesh stops with one line naming the cause. A service that exits 0 stopped on pur
 (someone drained it) and is not restarted.
 
 `up` checks its own ports before starting anything; children die with it, even when it is
-SIGKILLed (PR_SET_PDEATHSIG); Ctrl-C, SIGTERM and SIGHUP drain the gateways first, then
+SIGKILLed (each asks for PR_SET_PDEATHSIG at start: logs.die_with_parent); Ctrl-C, SIGTERM and SIGHUP drain the gateways first, then
 the batcher, then workers and cache, and remove the temporary folder. A child's output is
 read in chunks: any bytes, lines of any length (cut at MAX_LINE_BYTES with a marker), a
 reader that never stops, so a child never blocks on a full pipe; a thread writes it out
@@ -45,6 +45,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from meshserve.common import logs
 from meshserve.common.backoff import Backoff
 from meshserve.common.settings import Flags, parse_bool
 
@@ -312,25 +313,6 @@ def say(message: str, out=None) -> None:
         write(out or sys.stdout, text)
 
 
-def _die_with_parent():
-    """A preexec_fn: the child gets SIGKILL when `up` dies, however it dies (Linux); None
-    elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGKILL)
-        if os.getppid() != parent:  # `up` died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
 def describe_exit(code: int) -> str:
     if code < 0:
         with contextlib.suppress(ValueError):
@@ -399,7 +381,10 @@ class Service:
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches `up` only; it stops children in order
-            preexec_fn=_die_with_parent(),
+            # The child asks for SIGKILL when `up` dies (logs.die_with_parent), not a
+            # preexec_fn here: Python code between fork and exec runs gRPC's fork handlers
+            # in a child of a process that uses gRPC, which aborted a worker at start.
+            env={**os.environ, logs.PARENT_ENV: str(os.getpid())},
         )
         self.started_at = asyncio.get_running_loop().time()
         self.pump = asyncio.create_task(self._pump(self.proc.stdout))

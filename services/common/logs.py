@@ -102,15 +102,39 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+# Set by `meshserve up` for its children: the pid that the child dies with.
+PARENT_ENV = "MESHSERVE_DIE_WITH_PARENT"
+
+
+def die_with_parent() -> None:
+    """Under `meshserve up` (PARENT_ENV set), SIGKILL when `up` dies, however it dies
+    (Linux: PR_SET_PDEATHSIG); if it died before this, exit now."""
+    parent = os.environ.get(PARENT_ENV, "")
+    if not parent.isdigit() or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != int(parent):
+        raise SystemExit(1)
+
+
 def run(main: Coroutine, service: str) -> None:
     """asyncio.run(main) for a service's process. A failure of an expected kind ends the
     process with one log line naming the cause (the traceback at DEBUG) and exit code 1;
     anything else keeps its traceback (a bug to see)."""
     log = logging.getLogger(f"meshserve.{service}")
     try:
+        die_with_parent()
+    except SystemExit:
+        main.close()
+        raise
+    try:
         try:
             loop_factory = event_loop_factory()
-        except ValueError:
+        except BaseException:
             main.close()  # never to run (not "never awaited")
             raise
         # What is imported by now lives as long as the process: out of the collector's
