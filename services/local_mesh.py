@@ -18,11 +18,12 @@ mesh stops with one line naming the cause. A service that exits 0 stopped on pur
 (someone drained it) and is not restarted.
 
 `up` checks its own ports before starting anything; children die with it, even when it is
-SIGKILLed (each asks for PR_SET_PDEATHSIG at start: logs.die_with_parent); Ctrl-C, SIGTERM and SIGHUP drain the gateways first, then
-the batcher, then workers and cache, and remove the temporary folder. A child's output is
-read in chunks: any bytes, lines of any length (cut at MAX_LINE_BYTES with a marker), a
-reader that never stops, so a child never blocks on a full pipe; a thread writes it out
-(`Output`), so a terminal that does not read cannot stop the reader either.
+SIGKILLed (each asks for PR_SET_PDEATHSIG at start: logs.die_with_parent); Ctrl-C, SIGTERM
+and SIGHUP drain the gateways first, then the batcher, then workers and cache, and remove
+the temporary folder. A child's output is read in chunks: any bytes, lines of any length
+(cut at MAX_LINE_BYTES with a marker), a reader that never stops, so a child never blocks
+on a full pipe; a thread writes it out (`Output`), so a terminal that does not read cannot
+stop the reader either.
 """
 
 from __future__ import annotations
