@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meshserve.batcher.core import BatcherOptions
 from meshserve.common import transport
 from meshserve.common.settings import Flags, defaults, parse_bool, parse_list
 from meshserve.common.transport import PLAINTEXT, Transport
@@ -27,6 +28,8 @@ class Settings:
     max_queue_size: int = 0
     adaptive: bool | None = None
     grace_s: float = 5.0
+    # How long requests wait for a worker to come back when every worker is gone.
+    rejoin_wait_s: float = defaults(BatcherOptions).rejoin_wait_s
     # How long start-up waits for a first worker before serving anyway.
     startup_wait_s: float = 30.0
     transport: Transport = PLAINTEXT  # TLS (mTLS), compression, OTLP
@@ -42,6 +45,7 @@ class Settings:
             "max_queue_delay_us": self.max_queue_delay_us >= 0,
             "max_queue_size": self.max_queue_size >= 0,
             "startup_wait_s": self.startup_wait_s >= 0,
+            "rejoin_wait_s": self.rejoin_wait_s >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -76,6 +80,9 @@ def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) 
     f.add("--adaptive", _optional_bool, d.adaptive, "override of batching.adaptive (empty: config)")
     f.add("--grace-s", float, d.grace_s, "grace period on shutdown")
     f.add("--startup-wait-s", float, d.startup_wait_s, "wait this long for a first worker at start")
+    f.add("--rejoin-wait-s", float, d.rejoin_wait_s,
+          "when every worker that was connected is gone (a restart), requests wait this long "
+          "for one to come back before UNAVAILABLE (0: at once)")
     f.add_redis_url(d.redis_url,
                     "the mesh's Redis (redis://host:6379/0): the cluster's model control "
                     "(loaded models, default versions) is read and watched there; empty: "

@@ -50,6 +50,9 @@ class BatcherOptions:
     max_queue_delay_us: int = 0
     max_queue_size: int = 0
     adaptive: bool | None = None  # None: the model config's
+    # While every worker that was connected is gone (a restart), requests wait this long
+    # for one to come back before they are answered UNAVAILABLE (0: at once).
+    rejoin_wait_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,9 @@ class Batcher:
         self._load_errors: dict[Key, tuple[float, str]] = {}
         # The cluster's model control (common.model_control), as last applied.
         self.controls: dict[str, Control] = {}
+        # When the last connected worker went away (None: one is connected, or none ever was).
+        self._ever_connected = bool(self.pool.connected())
+        self._all_down_since: float | None = None
         self.pool.listeners.append(self._on_pool_change)
         # SIGTERM: new requests are refused (the client sends them to another batcher);
         # queued and running ones are finished.
@@ -220,7 +226,16 @@ class Batcher:
             if not self.pool.holders(key) and not self.pool.loading(key):
                 self._ensure_loading(key)
             deadline = q.next_deadline_s() if q is not None else None
+            rejoin = self._rejoin_deadline()
+            if rejoin is not None:
+                deadline = rejoin if deadline is None else min(deadline, rejoin)
             await self.pool.wait_change(None if deadline is None else deadline - self.now())
+
+    def _rejoin_deadline(self) -> float | None:
+        """Until when requests wait for a worker to come back (None: not waiting)."""
+        if self._all_down_since is None:
+            return None
+        return self._all_down_since + self.options.rejoin_wait_s
 
     def _ensure_loading(self, key: Key) -> None:
         """Starts loading a wanted model nobody holds; raises Unavailable when it cannot."""
@@ -228,6 +243,9 @@ class Batcher:
         if key in self._loads:
             return
         if not self.pool.connected():
+            rejoin = self._rejoin_deadline()
+            if rejoin is not None and self.now() < rejoin:
+                return  # the workers are restarting: wait for one (see _acquire)
             raise Unavailable(
                 f"no model worker is serving {model} version {version}: "
                 f"no model worker is connected ({len(self.pool.workers)} known)"
@@ -368,6 +386,10 @@ class Batcher:
             self.stats.record_request(model, version, error.code_name, 0, None)
 
     def _on_pool_change(self) -> None:
+        if any(w.connected for w in self.pool.workers.values()):
+            self._ever_connected, self._all_down_since = True, None
+        elif self._ever_connected and self._all_down_since is None:
+            self._all_down_since = self.now()
         self.note_reported()
         for mq in self._queues.values():
             mq.queue.wake()

@@ -87,7 +87,7 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
     options = BatcherOptions(
         max_retries=settings.max_retries, max_batch_size=settings.max_batch_size,
         max_queue_delay_us=settings.max_queue_delay_us, max_queue_size=settings.max_queue_size,
-        adaptive=settings.adaptive,
+        adaptive=settings.adaptive, rejoin_wait_s=settings.rejoin_wait_s,
     )
     batcher = Batcher(repository, pool, options, Statistics(registry))
     directory = WorkerDirectory(settings.workers, pool, settings.max_in_flight_per_worker,

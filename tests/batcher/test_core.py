@@ -62,7 +62,7 @@ class FakeLink:
         self.unloads.append((model, version))
 
 
-def setup(models_dir, n_workers: int = 1):
+def setup(models_dir, n_workers: int = 1, **options):
     pool = WorkerPool()
     links = []
     for i in range(n_workers):
@@ -71,7 +71,7 @@ def setup(models_dir, n_workers: int = 1):
         report = WorkerReport("w", "cpu", (HeldModel("digits", "2", "READY"),), 0, 0, 8, 0)
         pool.update(link.address, report, connected=True)
         links.append(link)
-    batcher = Batcher(ModelRepository(models_dir), pool, BatcherOptions(max_retries=2))
+    batcher = Batcher(ModelRepository(models_dir), pool, BatcherOptions(max_retries=2, **options))
     return batcher, links
 
 
@@ -146,6 +146,63 @@ def test_retries_are_bounded(models_dir):
         assert isinstance(result.error, Unavailable)
         assert "no model worker is serving digits version 2" in str(result.error)
         assert len(link.batches) == 3  # 1 + --max-retries 2
+        await batcher.close()
+    asyncio.run(body())
+
+
+def _reconnect(pool: WorkerPool, address: str) -> None:
+    report = WorkerReport("w", "cpu", (HeldModel("digits", "2", "READY"),), 0, 0, 8, 0)
+    pool.update(address, report, connected=True)
+
+
+def test_requests_wait_for_a_restarting_worker_and_are_answered_once(models_dir):
+    async def body():
+        batcher, [link] = setup(models_dir)
+        # the only worker dies with a batch in flight, and is restarted a moment later
+        link.fail = [Unavailable("model worker w0 disconnected with the batch in flight")]
+        link.gate.clear()
+        in_flight = batcher.submit(1, "digits", "2", row(1.0), [], 0, 0)
+        while not link.batches:
+            await asyncio.sleep(0)
+        batcher.pool.update("w0", None, connected=False)
+        link.gate.set()  # its stream breaks: the batch comes back Unavailable
+        queued = batcher.submit(2, "digits", "2", row(2.0), [], 0, 0)
+        await asyncio.sleep(0.05)
+        assert not in_flight.future.done() and not queued.future.done()
+        _reconnect(batcher.pool, "w0")
+        a, b = await asyncio.wait_for(asyncio.gather(in_flight.future, queued.future), 5)
+        assert a.error is None and first_value(a) == 1.0
+        assert b.error is None and first_value(b) == 2.0
+        assert len(link.batches) == 3  # the failed one, its retry, the queued one
+        await batcher.close()
+    asyncio.run(body())
+
+
+def test_a_worker_that_does_not_come_back_is_unavailable_after_the_rejoin_wait(models_dir):
+    async def body():
+        batcher, [link] = setup(models_dir, rejoin_wait_s=0.2)
+        batcher.pool.update("w0", None, connected=False)
+        r = batcher.submit(1, "digits", "2", row(1.0), [], 0, 0)
+        await asyncio.sleep(0.05)
+        assert not r.future.done()
+        result = await asyncio.wait_for(r.future, 5)
+        assert isinstance(result.error, Unavailable)
+        assert "no model worker is connected (1 known)" in str(result.error)
+        # past the wait, a request is refused at once
+        later = batcher.submit(2, "digits", "2", row(2.0), [], 0, 0)
+        await asyncio.sleep(0.01)
+        assert isinstance(later.future.result().error, Unavailable)
+        await batcher.close()
+    asyncio.run(body())
+
+
+def test_a_deadline_ends_the_wait_for_a_worker(models_dir):
+    async def body():
+        batcher, [link] = setup(models_dir)
+        batcher.pool.update("w0", None, connected=False)
+        r = batcher.submit(1, "digits", "2", row(1.0), [], 0, 100_000)  # 100 ms
+        result = await asyncio.wait_for(r.future, 5)
+        assert result.error is not None and result.error.code_name == "DEADLINE_EXCEEDED"
         await batcher.close()
     asyncio.run(body())
 
