@@ -4,6 +4,8 @@ Every caller is multiplexed over one long-lived Infer stream (or a few, for seve
 batcher replicas): requests submitted while a send is pending go out together in one
 InferRequests message, results are routed back to callers by request_id. A broken stream
 fails its in-flight calls with Unavailable (never hangs); the next call opens a new one.
+A call whose stream broke (its batcher went away, e.g. a restart) goes once more when a
+batcher answers on that channel again, within `rejoin_wait_s` and its own timeout.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ class _Stream:
     next waits while MAX_UNACKED_MESSAGES are unacknowledged."""
 
     def __init__(self, stub: batcher_pb2_grpc.BatcherStub, target: str,
-                 sent: HopCount, received: HopCount):
-        self.target = target
+                 sent: HopCount, received: HopCount, channel: int = 0):
+        self.target, self.channel = target, channel
         self.sent, self.received = sent, received  # requests out, results back
         self.pending: dict[int, asyncio.Future] = {}
         # The next message, its requests built in place (see add): no copy of them.
@@ -147,11 +149,14 @@ class BatcherClient:
     round_robin), or a comma list of addresses (one channel each). Requests go round-robin
     over `streams` streams per channel, skipping channels in TRANSIENT_FAILURE."""
 
-    def __init__(self, target: str, streams: int = 1, transport: Transport | None = None):
+    def __init__(self, target: str, streams: int = 1, transport: Transport | None = None,
+                 rejoin_wait_s: float = 10.0):
         if streams < 1:
             raise ValueError(f"streams must be >= 1, got {streams}")
         self.target = target
         self.transport = transport
+        self.rejoin_wait_s = rejoin_wait_s
+        self._closing: asyncio.Event | None = None  # set by close(): no more rejoining
         self.targets = grpcutil.split_targets(target)
         if not self.targets:
             raise ValueError("the batcher target is empty")
@@ -172,10 +177,13 @@ class BatcherClient:
     async def start(self) -> None:
         # Kept: asyncio.get_running_loop() makes a getpid() system call on Python 3.11.
         self._loop = asyncio.get_running_loop()
+        self._closing = asyncio.Event()
         self._channels = [grpcutil.channel(t, self.transport) for t in self.targets]
         self._stubs = [batcher_pb2_grpc.BatcherStub(c) for c in self._channels]
 
     async def close(self) -> None:
+        if self._closing is not None:
+            self._closing.set()
         for i, stream in enumerate(self._streams):
             if stream is not None:
                 await stream.close()
@@ -211,7 +219,7 @@ class BatcherClient:
             self._retired = {s for s in self._retired if s.alive}
             c = i % len(self._channels)
             stream = self._streams[i] = _Stream(self._stubs[c], self.targets[c], self.sent,
-                                                self.received)
+                                                self.received, c)
         return stream
 
     async def infer(self, model: str, version: str, inputs, outputs: list[str],
@@ -261,12 +269,21 @@ class BatcherClient:
 
     async def result(self, sent: Sent) -> batcher_pb2.InferResult:
         retries = len(self._streams)
+        rejoined = False
         while True:
             try:
                 result = await sent.future
             except (DeadlineExceeded, asyncio.CancelledError):
                 sent.stream.cancel(sent.request.request_id)
                 raise
+            except Unavailable:
+                # Its stream broke with it (the batcher went away: no answer can come from
+                # there). Once, it goes again when a batcher answers on the channel.
+                if rejoined or not await self._rejoin(sent):
+                    raise
+                rejoined = True
+                sent = self._resend(sent)
+                continue
             finally:
                 if sent.timer is not None:
                     sent.timer.cancel()
@@ -279,6 +296,24 @@ class BatcherClient:
             if result.code != 0:
                 raise grpcutil.error_from_code(result.code, result.message)
             return result
+
+    async def _rejoin(self, sent: Sent) -> bool:
+        """Waits, up to rejoin_wait_s and the request's timeout, for the stream's channel
+        to connect again (a restarted batcher); False when it did not or we are closed."""
+        wait = min(self.rejoin_wait_s, sent.timeout_s or self.rejoin_wait_s)
+        if wait <= 0 or not self._channels or self._closing.is_set():
+            return False
+        channel = self._channels[sent.stream.channel % len(self._channels)]
+        ready = asyncio.ensure_future(channel.channel_ready())
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait((ready, closing), timeout=wait,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            closing.cancel()
+        return (ready.done() and not ready.cancelled() and ready.exception() is None
+                and not self._closing.is_set())
 
     async def _unary(self, method: str, request, channel_index: int | None = None):
         if not self._stubs:
