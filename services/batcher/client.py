@@ -235,7 +235,7 @@ class BatcherClient:
              timeout_s: float | None = None) -> Sent:
         """Sends a request now; `await result(sent)` for its result, or `cancel(sent)`.
         inputs: tensors with name, datatype, shape and data (bytes), e.g. the gateway's
-        InputTensor records or meshserve.v1 Tensors."""
+        WireTensor records or meshserve.v1 Tensors."""
         stream = self._stream()
         future = self._loop.create_future()
         request = stream.add(

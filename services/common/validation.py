@@ -16,7 +16,10 @@ from meshserve.common.repository import ModelConfig
 
 
 @dataclass(frozen=True, slots=True)
-class InputTensor:
+class WireTensor:
+    """A tensor as it travels (a request's input, a batch's input or output): datatype,
+    full shape, little-endian row-major bytes."""
+
     name: str
     datatype: str
     shape: tuple[int, ...]
@@ -37,7 +40,7 @@ def _expected_shape(config: ModelConfig, dims: Sequence[int]) -> str:
     return f"[{body}]"
 
 
-def validate_inputs(config: ModelConfig, inputs: Sequence[InputTensor]) -> int:
+def validate_inputs(config: ModelConfig, inputs: Sequence[WireTensor]) -> int:
     """Checks names, datatypes, shapes and byte sizes. Returns the request's rows
     (1 when the model does not batch)."""
     seen: set[str] = set()

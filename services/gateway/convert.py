@@ -9,7 +9,7 @@ import numpy as np
 from meshserve.common.datatypes import DATATYPES, datatype
 from meshserve.common.errors import InvalidInput
 from meshserve.common.repository import ModelConfig, TensorSpec
-from meshserve.common.validation import InputTensor, RequestedOutput
+from meshserve.common.validation import RequestedOutput, WireTensor
 from meshserve.gateway.core import Gateway, InferCall, InferOutcome
 from meshserve.pb.inference import grpc_service_pb2 as pb
 from meshserve.pb.inference import model_config_pb2 as mc
@@ -116,7 +116,7 @@ def _typed_to_raw(tensor: pb.ModelInferRequest.InferInputTensor) -> bytes:
     return array.tobytes()
 
 
-def infer_inputs(request: pb.ModelInferRequest) -> list[InputTensor]:
+def infer_inputs(request: pb.ModelInferRequest) -> list[WireTensor]:
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(
@@ -133,7 +133,7 @@ def infer_inputs(request: pb.ModelInferRequest) -> list[InputTensor]:
             data = raw[i]
         else:
             data = _typed_to_raw(tensor)
-        inputs.append(InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data))
+        inputs.append(WireTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data))
     return inputs
 
 

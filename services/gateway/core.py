@@ -25,8 +25,8 @@ from meshserve.common.logs import clip
 from meshserve.common.model_control import Control
 from meshserve.common.repository import ModelConfig, ModelRepository, check_model_name
 from meshserve.common.validation import (
-    InputTensor,
     RequestedOutput,
+    WireTensor,
     resolve_outputs,
     validate_inputs,
 )
@@ -51,7 +51,7 @@ L1_DEFAULT_TTL_S = 60
 class InferCall:
     model: str
     version: str  # "" = the model's default version
-    inputs: Sequence[InputTensor]
+    inputs: Sequence[WireTensor]
     outputs: Sequence[RequestedOutput]
     priority: int = 0
     timeout_s: float | None = None  # the shorter of the gRPC deadline and the `timeout` parameter

@@ -12,16 +12,7 @@ import torch
 from meshserve.common import tensors, validation
 from meshserve.common.errors import InvalidInput
 from meshserve.common.repository import ModelConfig
-
-
-@dataclass(frozen=True, slots=True)
-class WireTensor:
-    """A tensor as it travels: datatype, full shape, little-endian row-major bytes."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    data: bytes
+from meshserve.common.validation import WireTensor
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,8 @@ import pytest
 from meshserve.common.errors import InvalidInput
 from meshserve.common.repository import ModelRepository
 from meshserve.common.validation import (
-    InputTensor,
     RequestedOutput,
+    WireTensor,
     resolve_outputs,
     validate_inputs,
 )
@@ -23,7 +23,7 @@ def tensor(rows=1, name="input", dtype="FP32", shape=None, data=None):
     shape = shape or (rows, 64)
     if data is None:
         data = np.zeros(shape, np.float32).tobytes()
-    return InputTensor(name, dtype, tuple(shape), data)
+    return WireTensor(name, dtype, tuple(shape), data)
 
 
 def test_valid_request_counts_rows(config):

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from meshserve.common.errors import InvalidInput, NotFound, Unavailable
 from meshserve.common.repository import ModelRepository
 from meshserve.common.tensors import to_pb
-from meshserve.common.validation import InputTensor
+from meshserve.common.validation import WireTensor
 from meshserve.gateway.core import Gateway, InferCall
 from meshserve.gateway.routing import Policy, Target
 from meshserve.gateway.traffic import Router
@@ -76,7 +76,7 @@ def make(repo):
 
 def call(model="digits", version="", key=""):
     x = np.zeros((1, 64), np.float32)
-    return InferCall(model, version, [InputTensor("input", "FP32", [1, 64], x.tobytes())],
+    return InferCall(model, version, [WireTensor("input", "FP32", [1, 64], x.tobytes())],
                      [], use_cache=False, route_key=key)
 
 
@@ -118,7 +118,7 @@ async def test_invalid_input_does_not_fall_back(repo):
     gateway, router, batcher = make(repo)
     await router.start()
     await router.set(Policy("digits", fallback=(Target("digits_small"),)))
-    bad = InferCall("digits", "", [InputTensor("input", "FP32", [1, 3], b"\0" * 12)], [])
+    bad = InferCall("digits", "", [WireTensor("input", "FP32", [1, 3], b"\0" * 12)], [])
     with pytest.raises(InvalidInput):
         await gateway.infer(bad)
     assert batcher.calls == []
