@@ -52,6 +52,7 @@ class _Stream:
         self._withdrawn: list[int] = []
         self._wake = asyncio.Event()
         self.alive = True
+        self.heard_at: float | None = None  # loop time of the batcher's last message
         # Its batcher refused a request as draining: send nothing new on it.
         self.draining = False
         self._unacked = 0
@@ -108,7 +109,9 @@ class _Stream:
     async def _read(self) -> None:
         error: MeshError = Unavailable(f"the batcher at {self.target} closed the stream")
         try:
+            loop = asyncio.get_running_loop()
             async for message in self._call:
+                self.heard_at = loop.time()
                 self.received.add(len(message.results)
                                   + sum(len(b.request_ids) for b in message.blocks))
                 if message.received:
@@ -156,6 +159,7 @@ class BatcherClient:
         self.target = target
         self.transport = transport
         self.rejoin_wait_s = rejoin_wait_s
+        self._heard_at: dict[int, float] = {}  # channel -> when a batcher there last spoke
         self._closing: asyncio.Event | None = None  # set by close(): no more rejoining
         self.targets = grpcutil.split_targets(target)
         if not self.targets:
@@ -218,6 +222,8 @@ class BatcherClient:
                 self._retired.add(stream)
             self._retired = {s for s in self._retired if s.alive}
             c = i % len(self._channels)
+            if stream is not None and stream.heard_at is not None:
+                self._heard_at[c] = max(self._heard_at.get(c, stream.heard_at), stream.heard_at)
             stream = self._streams[i] = _Stream(self._stubs[c], self.targets[c], self.sent,
                                                 self.received, c)
         return stream
@@ -299,11 +305,17 @@ class BatcherClient:
 
     async def _rejoin(self, sent: Sent) -> bool:
         """Waits, up to rejoin_wait_s and the request's timeout, for the stream's channel
-        to connect again (a restarted batcher); False when it did not or we are closed."""
+        to connect again (a restarted batcher); False when it did not, when no batcher spoke
+        on that channel within rejoin_wait_s (it is down, not restarting), or we are closed."""
         wait = min(self.rejoin_wait_s, sent.timeout_s or self.rejoin_wait_s)
         if wait <= 0 or not self._channels or self._closing.is_set():
             return False
-        channel = self._channels[sent.stream.channel % len(self._channels)]
+        c = sent.stream.channel % len(self._channels)
+        heard = max(self._heard_at.get(c, -1e18), sent.stream.heard_at or -1e18)
+        self._heard_at[c] = heard
+        if self._loop.time() - heard > self.rejoin_wait_s:
+            return False  # no batcher answered there lately: not a restart, fail at once
+        channel = self._channels[c]
         ready = asyncio.ensure_future(channel.channel_ready())
         closing = asyncio.ensure_future(self._closing.wait())
         try:

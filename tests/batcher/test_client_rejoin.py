@@ -25,10 +25,10 @@ class FakeBatcher(batcher_pb2_grpc.BatcherServicer):
     async def Infer(self, request_iterator, context):
         async for message in request_iterator:
             self.seen += [r.model for r in message.requests]
-            if self.answer:
-                yield batcher_pb2.InferResults(received=1, results=[
-                    batcher_pb2.InferResult(request_id=r.request_id, code=0, batch_size=1)
-                    for r in message.requests])
+            # Like the batcher, every message is acknowledged (flow control).
+            yield batcher_pb2.InferResults(received=1, results=[
+                batcher_pb2.InferResult(request_id=r.request_id, code=0, batch_size=1)
+                for r in message.requests if self.answer])
 
 
 async def serve(port: int, servicer: FakeBatcher) -> grpc.aio.Server:
@@ -101,4 +101,17 @@ def test_closing_the_client_ends_the_wait_at_once():
         await client.close()
         with pytest.raises(Unavailable):
             await asyncio.wait_for(call, 2)
+    asyncio.run(main())
+
+
+def test_a_batcher_never_reached_fails_at_once():
+    async def main():
+        client = BatcherClient(f"127.0.0.1:{free_port()}", rejoin_wait_s=60.0)
+        await client.start()
+        try:
+            with pytest.raises(Unavailable):
+                # far below the 60 s wait: a batcher that never answered is not restarting
+                await asyncio.wait_for(client.infer("m", "1", INPUT, []), 5)
+        finally:
+            await client.close()
     asyncio.run(main())
