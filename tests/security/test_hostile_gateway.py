@@ -19,6 +19,11 @@ from tests.protection.conftest import X, metric, write_keys
 DIGITS = {"name": "team-digits", "key": "key-digits", "models": ["digits"]}
 MiB = 1024 * 1024
 
+# Reading the eight 60 MiB messages of a test would take at least 480 MiB (750-980 MiB was
+# measured before the fixes). Unread, only gRPC's transport buffers them, up to its HTTP/2
+# flow-control window per stream: usually 5-20 MiB in all, once 72 MiB in a CI run.
+UNREAD_BOUND = 160 * MiB
+
 
 def peak_rss_bytes(pid: int) -> int:
     for line in open(f"/proc/{pid}/status"):
@@ -67,7 +72,7 @@ def test_a_large_unauthenticated_message_is_refused_before_it_is_read(keyed_gate
 
     codes, grown = asyncio.run(main())
     assert codes == [grpc.StatusCode.UNAUTHENTICATED] * 8
-    assert grown < 60 * MiB, f"the gateway's peak memory grew by {grown / MiB:.0f} MiB"
+    assert grown < UNREAD_BOUND, f"the gateway's peak memory grew by {grown / MiB:.0f} MiB"
 
 
 def test_a_large_health_check_without_a_key_is_answered_without_reading_it(keyed_gateway):
@@ -99,7 +104,7 @@ def test_a_large_health_check_without_a_key_is_answered_without_reading_it(keyed
 
     answers, grown = asyncio.run(main())
     assert answers == [health_pb2.HealthCheckResponse.SERVING] * 8
-    assert grown < 60 * MiB, f"the gateway's peak memory grew by {grown / MiB:.0f} MiB"
+    assert grown < UNREAD_BOUND, f"the gateway's peak memory grew by {grown / MiB:.0f} MiB"
 
 
 def test_health_without_a_key_is_about_the_whole_server(keyed_gateway):
