@@ -331,9 +331,7 @@ class Gateway:
                     if sent is not None:
                         self.batcher.cancel(sent)
                     counts.hit(rows, elapsed)
-                    if epoch is not None and generation:
-                        l1.put(digest, config.name, version, result.value,
-                               config.cache.ttl_s or L1_DEFAULT_TTL_S, epoch)
+                    self._keep(digest, config, version, result.value, epoch, generation)
                     return outcome
             counts.miss_requests += 1
             counts.miss_ns += elapsed
@@ -352,13 +350,18 @@ class Gateway:
             value = _cached_value(outputs)
             self.cache.store_one(cache_pb2.StoreEntry(
                 key=cache_key, value=value, generation=generation, ttl_s=config.cache.ttl_s))
-            # Kept only under a generation the service gave (a lookup that failed has none).
-            if epoch is not None and generation:
-                l1.put(cache_key.digest, config.name, version, value,
-                       config.cache.ttl_s or L1_DEFAULT_TTL_S, epoch)
+            self._keep(cache_key.digest, config, version, value, epoch, generation)
         self.loads.observe(config.name, version, result.queue_ns, result.compute_ns)
         return InferOutcome(version, outputs, False, result.queue_ns, result.compute_ns,
                             model=config.name)
+
+    def _keep(self, digest: bytes, config: ModelConfig, version: str, value, epoch,
+              generation: int) -> None:
+        """A result into the L1, only under a generation the cache service gave (a lookup
+        that failed has none) and the model's epoch at lookup (None: no L1 in use)."""
+        if epoch is not None and generation:
+            self.l1.put(digest, config.name, version, value,
+                        config.cache.ttl_s or L1_DEFAULT_TTL_S, epoch)
 
     # ----------------------------------------------------------------- management
 

@@ -88,15 +88,11 @@ def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) 
         if not ok:
             flags.parser.error(message)
 
-    check(0 <= a.port <= 65535, f"--port {a.port} out of range")
-    check(-1 <= a.metrics_port <= 65535, f"--metrics-port {a.metrics_port} out of range")
     check(a.max_models >= 1, f"--max-models must be >= 1, got {a.max_models}")
     check(a.max_memory_mb >= 0, f"--max-memory-mb must be >= 0, got {a.max_memory_mb}")
     check(a.threads >= 1, f"--threads must be >= 1, got {a.threads}")
     check(a.max_in_flight >= 1, f"--max-in-flight must be >= 1, got {a.max_in_flight}")
     check(a.grace_s >= 0, f"--grace-s must be >= 0, got {a.grace_s}")
-    check(a.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
-          f"--log-level {a.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
     check(Path(a.model_repository).is_dir(),
           f"--model-repository {a.model_repository!r} is not a directory")
     import torch
@@ -109,5 +105,5 @@ def from_args(argv: list[str] | None = None, env: dict[str, str] | None = None) 
         name, _, version = entry.partition(":")
         check(bool(name) and (not version or version.isdigit()),
               f"--load entry {entry!r}: expected name, name:version or all")
-    return flags.build(Settings, a, log_level=a.log_level.upper(), device=device,
+    return flags.build(Settings, a, device=device,
                        transport=transport.from_args(flags, a))
